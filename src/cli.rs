@@ -1,1 +1,73 @@
-//! (stub) cli
+//! The command line (clap): verbs, flags and their help texts. Dispatch is in `main.rs`.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::DEFAULT_CONFIG_PATH;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "smtp-oauth-relay",
+    version,
+    about = "Plain SMTP on loopback in, STARTTLS + AUTH XOAUTH2 out: lets printers, cron and legacy apps send through Gmail/Google Workspace with OAuth 2.0",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH, env = "SMTP_OAUTH_RELAY_CONFIG")]
+    pub config: PathBuf,
+
+    /// Log filter (tracing-subscriber syntax, e.g. "info", "debug", "smtp_oauth_relay=debug").
+    /// RUST_LOG overrides it.
+    #[arg(long, global = true, value_name = "FILTER", default_value = "info")]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay in the foreground (logs to stderr), until SIGTERM or Ctrl-C.
+    Run,
+    /// Check the configuration: exit 0 if it is valid, else name the key at fault.
+    CheckConfig,
+    /// Inspect or refresh the stored OAuth tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Run the relay against a built-in sandbox provider (fake Gmail + token endpoint):
+    /// no Google account needed. Messages land in --mail-dir.
+    Demo {
+        /// Where the relay listens.
+        #[arg(long, default_value = "127.0.0.1:2525")]
+        listen: SocketAddr,
+        /// Where the sandbox writes each message it receives.
+        #[arg(long, default_value = "demo-mail", value_name = "DIR")]
+        mail_dir: PathBuf,
+        /// Lifetime of the sandbox's access tokens in seconds (short, so refreshes show).
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        token_lifetime: u64,
+        /// Upstream connections kept open and authenticated.
+        #[arg(long, default_value_t = 4)]
+        pool_size: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Show access token expiry, last refresh and warnings (never the tokens themselves).
+    Status {
+        /// The account (default: the first one).
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Refresh the access token now and save it in the token file.
+    Refresh {
+        /// The account (default: the first one).
+        #[arg(long)]
+        account: Option<String>,
+    },
+}

@@ -1,1 +1,610 @@
-//! (stub) config
+//! The TOML configuration: schema (serde, unknown keys refused), defaults per provider in
+//! one place, and a validation pass whose every error names the key at fault and the fix.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// Where `--config` points when it is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/smtp-oauth-relay/config.toml";
+
+/// Gmail's advertised SIZE limit, also our default.
+pub const GMAIL_MAX_MESSAGE_SIZE: usize = 35_882_577;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source} (pass another file with --config PATH)")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: `{key}`: {problem}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        problem: String,
+    },
+}
+
+/// The file as written. Every table refuses keys it does not know.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub account: Vec<RawAccount>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<Vec<String>>,
+    pub hostname: Option<String>,
+    pub max_message_size: Option<usize>,
+    pub max_recipients: Option<usize>,
+    pub max_connections: Option<usize>,
+    /// Listening on a non-loopback address must be asked for explicitly: the relay does
+    /// no client authentication, so anyone who can reach it can send as the account.
+    pub allow_non_loopback: Option<bool>,
+    pub command_timeout_secs: Option<u64>,
+    pub data_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccount {
+    pub name: Option<String>,
+    pub provider: Option<String>,
+    pub username: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<SecretString>,
+    pub client_secret_file: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub refresh_margin_secs: Option<u64>,
+    pub smtp_host: Option<String>,
+    pub smtp_port: Option<u16>,
+    pub token_url: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    /// Name presented in the upstream's TLS certificate, if not `smtp_host`.
+    pub tls_server_name: Option<String>,
+    pub pool_size: Option<usize>,
+    pub max_idle_secs: Option<u64>,
+    pub max_messages_per_connection: Option<u32>,
+}
+
+/// Which provider's defaults apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    Gmail,
+    Custom,
+}
+
+impl Provider {
+    fn parse(s: &str) -> Option<Provider> {
+        match s {
+            "gmail" | "google" => Some(Provider::Gmail),
+            "custom" => Some(Provider::Custom),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Gmail => "gmail",
+            Provider::Custom => "custom",
+        }
+    }
+}
+
+/// The validated configuration the daemon runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub server: ServerConfig,
+    pub accounts: Vec<AccountConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub hostname: String,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccountConfig {
+    pub name: String,
+    pub provider: Provider,
+    pub username: String,
+    pub client_id: String,
+    pub client_secret: Option<SecretString>,
+    pub token_file: PathBuf,
+    pub refresh_margin: Duration,
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    pub tls_server_name: String,
+    pub token_url: String,
+    pub ca_file: Option<PathBuf>,
+    pub pool_size: usize,
+    pub max_idle: Duration,
+    pub max_messages_per_connection: u32,
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Parses and validates TOML text; `path` is used in messages and to resolve
+    /// relative file names.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', "\n  "),
+        })?;
+        raw.validate(path)
+    }
+
+    /// The account `name`, or the only/first one when `name` is `None`.
+    pub fn account(&self, name: Option<&str>) -> Result<&AccountConfig, ConfigError> {
+        match name {
+            None => self
+                .accounts
+                .first()
+                .ok_or_else(|| self.invalid("account", "no [[account]] is configured")),
+            Some(n) => self.accounts.iter().find(|a| a.name == n).ok_or_else(|| {
+                let known: Vec<&str> = self.accounts.iter().map(|a| a.name.as_str()).collect();
+                self.invalid(
+                    "account",
+                    format!("no account named {n:?}; configured: {}", known.join(", ")),
+                )
+            }),
+        }
+    }
+
+    fn invalid(&self, key: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            key: key.to_owned(),
+            problem: problem.into(),
+        }
+    }
+}
+
+struct Check<'a> {
+    path: &'a Path,
+}
+
+impl Check<'_> {
+    fn err(&self, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// Relative paths in the config are relative to the config file's directory.
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Checks that a token URL is https, or http to a loopback host (a local test endpoint).
+pub fn check_token_url(url: &str) -> Result<(), String> {
+    let rest = if let Some(r) = url.strip_prefix("https://") {
+        r
+    } else if let Some(r) = url.strip_prefix("http://") {
+        let host_port = r.split('/').next().unwrap_or("");
+        let host = match host_port.rsplit_once(':') {
+            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+            _ => host_port,
+        };
+        if !is_loopback_host(host) {
+            return Err(format!(
+                "{url:?} uses plain http to a non-loopback host; use https:// (plain http is allowed only for 127.0.0.1, ::1 and localhost)"
+            ));
+        }
+        r
+    } else {
+        return Err(format!("{url:?} is not an http(s) URL"));
+    };
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok(())
+}
+
+impl RawConfig {
+    fn validate(self, path: &Path) -> Result<Config, ConfigError> {
+        let c = Check { path };
+        let s = self.server;
+
+        let listen_raw = s
+            .listen
+            .unwrap_or_else(|| vec!["127.0.0.1:25".into(), "[::1]:25".into()]);
+        if listen_raw.is_empty() {
+            return Err(c.err(
+                "server.listen",
+                "is empty; give at least one address, e.g. [\"127.0.0.1:25\"]",
+            ));
+        }
+        let mut listen = Vec::new();
+        for (i, a) in listen_raw.iter().enumerate() {
+            let addr: SocketAddr = a.parse().map_err(|_| {
+                c.err(
+                    format!("server.listen[{i}]"),
+                    format!(
+                        "{a:?} is not an IP:port address (e.g. \"127.0.0.1:25\" or \"[::1]:25\")"
+                    ),
+                )
+            })?;
+            if !addr.ip().is_loopback() && !s.allow_non_loopback.unwrap_or(false) {
+                return Err(c.err(
+                    format!("server.listen[{i}]"),
+                    format!(
+                        "{a} is not a loopback address; the relay does not authenticate clients, so listening there makes an open relay for anyone who can reach it. Use 127.0.0.1/::1, or set server.allow_non_loopback = true and firewall the port"
+                    ),
+                ));
+            }
+            listen.push(addr);
+        }
+        let hostname = match s.hostname {
+            Some(h) if h.trim().is_empty() || h.contains(char::is_whitespace) => {
+                return Err(c.err("server.hostname", format!("{h:?} is not a host name")))
+            }
+            Some(h) => h,
+            None => gethostname::gethostname()
+                .into_string()
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into()),
+        };
+        let max_message_size = s.max_message_size.unwrap_or(GMAIL_MAX_MESSAGE_SIZE);
+        if max_message_size < 1024 {
+            return Err(c.err("server.max_message_size", "must be at least 1024 bytes"));
+        }
+        let max_recipients = s.max_recipients.unwrap_or(100);
+        if max_recipients == 0 {
+            return Err(c.err("server.max_recipients", "must be at least 1"));
+        }
+        let max_connections = s.max_connections.unwrap_or(256);
+        if max_connections == 0 {
+            return Err(c.err("server.max_connections", "must be at least 1"));
+        }
+        let server = ServerConfig {
+            listen,
+            hostname,
+            max_message_size,
+            max_recipients,
+            max_connections,
+            command_timeout: Duration::from_secs(s.command_timeout_secs.unwrap_or(300).max(1)),
+            data_timeout: Duration::from_secs(s.data_timeout_secs.unwrap_or(180).max(1)),
+        };
+
+        if self.account.is_empty() {
+            return Err(c.err(
+                "account",
+                "no [[account]] table; add one (see config/config.example.toml)",
+            ));
+        }
+        if self.account.len() > 1 {
+            return Err(c.err(
+                "account",
+                "only one [[account]] is supported in this version; all mail goes through it",
+            ));
+        }
+        let mut accounts = Vec::new();
+        for (i, a) in self.account.into_iter().enumerate() {
+            accounts.push(validate_account(&c, i, a)?);
+        }
+        Ok(Config {
+            path: path.to_owned(),
+            server,
+            accounts,
+        })
+    }
+}
+
+fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountConfig, ConfigError> {
+    let name = a.name.unwrap_or_else(|| "default".into());
+    let key = |k: &str| format!("account[{i}].{k}");
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+    {
+        return Err(c.err(
+            key("name"),
+            format!("{name:?}: use letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    let provider = match a.provider.as_deref() {
+        None => Provider::Gmail,
+        Some(p) => Provider::parse(p).ok_or_else(|| {
+            c.err(
+                key("provider"),
+                format!("unknown provider {p:?}; expected \"gmail\" or \"custom\""),
+            )
+        })?,
+    };
+    let required = |v: Option<String>, k: &str, hint: &str| -> Result<String, ConfigError> {
+        match v {
+            Some(s) if !s.trim().is_empty() => Ok(s),
+            _ => Err(c.err(key(k), format!("is required: {hint}"))),
+        }
+    };
+    let username = required(
+        a.username,
+        "username",
+        "the mailbox address the relay signs in as (XOAUTH2 user), e.g. \"me@example.com\"",
+    )?;
+    if !username.contains('@') {
+        return Err(c.err(
+            key("username"),
+            format!("{username:?} is not an email address"),
+        ));
+    }
+    let client_id = required(
+        a.client_id,
+        "client_id",
+        "the OAuth client ID from the Google Cloud console (…apps.googleusercontent.com)",
+    )?;
+    let client_secret = match (a.client_secret, a.client_secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(c.err(
+                key("client_secret_file"),
+                "give client_secret or client_secret_file, not both",
+            ))
+        }
+        (Some(s), None) => Some(s),
+        (None, Some(f)) => {
+            let f = c.resolve(&f);
+            let text = std::fs::read_to_string(&f).map_err(|e| {
+                c.err(
+                    key("client_secret_file"),
+                    format!("cannot read {}: {e}", f.display()),
+                )
+            })?;
+            let t = text.trim();
+            if t.is_empty() {
+                return Err(c.err(
+                    key("client_secret_file"),
+                    format!("{} is empty", f.display()),
+                ));
+            }
+            Some(SecretString::from(t.to_owned()))
+        }
+        (None, None) => None,
+    };
+    if client_secret.is_none() && provider == Provider::Gmail {
+        return Err(c.err(
+            key("client_secret"),
+            "is required for Gmail: copy it from the OAuth client in the Google Cloud console (or use client_secret_file = PATH)",
+        ));
+    }
+    let token_file = c.resolve(&a.token_file.ok_or_else(|| {
+        c.err(
+            key("token_file"),
+            "is required: where the refresh token is kept, e.g. \"/var/lib/smtp-oauth-relay/gmail.json\"",
+        )
+    })?);
+    let (default_host, default_url) = match provider {
+        Provider::Gmail => (
+            Some("smtp.gmail.com".to_owned()),
+            Some("https://oauth2.googleapis.com/token".to_owned()),
+        ),
+        Provider::Custom => (None, None),
+    };
+    let smtp_host = a
+        .smtp_host
+        .or(default_host)
+        .ok_or_else(|| c.err(key("smtp_host"), "is required for provider \"custom\""))?;
+    let smtp_port = a.smtp_port.unwrap_or(587);
+    if smtp_port == 0 {
+        return Err(c.err(key("smtp_port"), "must not be 0"));
+    }
+    let token_url = a
+        .token_url
+        .or(default_url)
+        .ok_or_else(|| c.err(key("token_url"), "is required for provider \"custom\""))?;
+    check_token_url(&token_url).map_err(|p| c.err(key("token_url"), p))?;
+    let ca_file = a.ca_file.map(|f| c.resolve(&f));
+    if let Some(f) = &ca_file {
+        if let Err(e) = std::fs::metadata(f) {
+            return Err(c.err(key("ca_file"), format!("cannot read {}: {e}", f.display())));
+        }
+    }
+    let refresh_margin = Duration::from_secs(a.refresh_margin_secs.unwrap_or(300));
+    let pool_size = a.pool_size.unwrap_or(4);
+    if pool_size > 64 {
+        return Err(c.err(
+            key("pool_size"),
+            "at most 64; Gmail limits concurrent connections per account (0 = a new connection per message)",
+        ));
+    }
+    let max_messages_per_connection = a.max_messages_per_connection.unwrap_or(100);
+    if max_messages_per_connection == 0 {
+        return Err(c.err(key("max_messages_per_connection"), "must be at least 1"));
+    }
+    Ok(AccountConfig {
+        tls_server_name: a.tls_server_name.unwrap_or_else(|| smtp_host.clone()),
+        name,
+        provider,
+        username,
+        client_id,
+        client_secret,
+        token_file,
+        refresh_margin,
+        smtp_host,
+        smtp_port,
+        token_url,
+        ca_file,
+        pool_size,
+        max_idle: Duration::from_secs(a.max_idle_secs.unwrap_or(240)),
+        max_messages_per_connection,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = ["127.0.0.1:2525"]
+hostname = "relay.example"
+
+[[account]]
+name = "gmail"
+provider = "gmail"
+username = "me@example.com"
+client_id = "123.apps.googleusercontent.com"
+client_secret = "GOCSPX-secret"
+token_file = "/var/lib/smtp-oauth-relay/gmail.json"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/smtp-oauth-relay/config.toml"))
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn gmail_defaults() {
+        let c = parse(GOOD).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.smtp_host, "smtp.gmail.com");
+        assert_eq!(a.smtp_port, 587);
+        assert_eq!(a.token_url, "https://oauth2.googleapis.com/token");
+        assert_eq!(a.pool_size, 4);
+        assert_eq!(c.server.max_message_size, GMAIL_MAX_MESSAGE_SIZE);
+        assert_eq!(c.server.max_recipients, 100);
+    }
+
+    #[test]
+    fn default_listen_is_loopback() {
+        let c = parse(&GOOD.replace("listen = [\"127.0.0.1:2525\"]", "")).unwrap();
+        assert!(c
+            .server
+            .listen
+            .iter()
+            .all(|a| a.ip().is_loopback() && a.port() == 25));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&GOOD.replace("hostname =", "hostnme = \"x\"\nhostname ="));
+        assert!(e.contains("hostnme"), "{e}");
+        let e = err(&format!("{GOOD}smtp_hots = \"x\"\n"));
+        assert!(e.contains("smtp_hots"), "{e}");
+    }
+
+    #[test]
+    fn open_relay_is_refused() {
+        let e = err(&GOOD.replace("127.0.0.1:2525", "0.0.0.0:25"));
+        assert!(
+            e.contains("server.listen[0]") && e.contains("open relay"),
+            "{e}"
+        );
+        let ok = GOOD.replace("127.0.0.1:2525", "0.0.0.0:25").replace(
+            "hostname = \"relay.example\"",
+            "hostname = \"relay.example\"\nallow_non_loopback = true",
+        );
+        assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn missing_keys_are_named() {
+        let e = err(&GOOD.replace("username = \"me@example.com\"", ""));
+        assert!(e.contains("account[0].username"), "{e}");
+        let e = err(&GOOD.replace("client_secret = \"GOCSPX-secret\"", ""));
+        assert!(e.contains("account[0].client_secret"), "{e}");
+        let e = err(&GOOD.replace("provider = \"gmail\"", "provider = \"yahoo\""));
+        assert!(
+            e.contains("account[0].provider") && e.contains("yahoo"),
+            "{e}"
+        );
+        let e = err("[server]\n");
+        assert!(e.contains("`account`"), "{e}");
+    }
+
+    #[test]
+    fn token_url_must_be_https_unless_loopback() {
+        let e = err(&format!("{GOOD}token_url = \"http://example.com/token\"\n"));
+        assert!(
+            e.contains("account[0].token_url") && e.contains("https"),
+            "{e}"
+        );
+        assert!(parse(&format!(
+            "{GOOD}token_url = \"http://127.0.0.1:8080/token\"\n"
+        ))
+        .is_ok());
+        assert!(parse(&format!("{GOOD}token_url = \"http://[::1]:8080/token\"\n")).is_ok());
+        assert!(check_token_url("http://localhost/token").is_ok());
+        assert!(check_token_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_config() {
+        let c =
+            parse(&GOOD.replace("/var/lib/smtp-oauth-relay/gmail.json", "tokens/g.json")).unwrap();
+        assert_eq!(
+            c.accounts[0].token_file,
+            Path::new("/etc/smtp-oauth-relay/tokens/g.json")
+        );
+    }
+
+    #[test]
+    fn secret_not_in_debug() {
+        let c = parse(GOOD).unwrap();
+        assert!(!format!("{c:?}").contains("GOCSPX-secret"));
+    }
+
+    #[test]
+    fn bad_listen_address() {
+        let e = err(&GOOD.replace("127.0.0.1:2525", "localhost"));
+        assert!(
+            e.contains("server.listen[0]") && e.contains("IP:port"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn account_lookup() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.account(Some("gmail")).unwrap().name, "gmail");
+        let e = c.account(Some("work")).unwrap_err().to_string();
+        assert!(e.contains("work") && e.contains("gmail"), "{e}");
+    }
+}

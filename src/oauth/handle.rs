@@ -229,7 +229,7 @@ mod tests {
         )));
         let t = waiter.await.unwrap().unwrap();
         assert_eq!(t.generation, 1);
-        assert_eq!(format!("{t:?}").contains("t1"), false);
+        assert!(!format!("{t:?}").contains("t1"));
     }
 
     #[tokio::test(start_paused = true)]
