@@ -10,6 +10,7 @@
 //! `refresh_now` is the same refresh-and-save step for the `token refresh` command.
 
 use std::{
+    future::Future,
     path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -258,12 +259,15 @@ impl<R: Refresher> Manager<R> {
                         _ = self.shutdown.cancelled() => None,
                         _ = sleep_until(at) => self.refresh(0).await,
                         _ = self.publisher.refresh_requested() => {
-                            if self.last_success.is_some_and(|t| t.elapsed() < FORCED_REFRESH_DEBOUNCE) {
-                                debug!(account = %self.settings.account(), "refresh request ignored: a new token was fetched moments ago");
-                                Some(Next::RefreshAt(at))
-                            } else {
-                                info!(account = %self.settings.account(), "refreshing now: a sender's token was rejected");
-                                self.refresh(0).await
+                            match self.last_success.map(|t| t + FORCED_REFRESH_DEBOUNCE) {
+                                Some(earliest) if earliest > Instant::now() => {
+                                    debug!(account = %self.settings.account(), "refresh request deferred: a new token was fetched moments ago");
+                                    Some(Next::RefreshAt(at.min(earliest)))
+                                }
+                                _ => {
+                                    info!(account = %self.settings.account(), "refreshing now: a sender's token was rejected");
+                                    self.refresh(0).await
+                                }
                             }
                         }
                     }
@@ -384,6 +388,10 @@ impl<R: Refresher> Manager<R> {
     }
 
     fn publish_ready(&mut self, token: AccessToken) {
+        // Requests made so far came from senders holding an older token, which this one
+        // answers: forget them, so that only requests about this token force a refresh.
+        let pending = std::pin::pin!(self.publisher.refresh_requested());
+        let _ = pending.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
         self.current = Some(token.clone());
         self.publisher.publish(TokenState::Ready(token));
     }
@@ -524,5 +532,629 @@ pub async fn refresh_now<R: Refresher>(
             }
             Err(e.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oauth::TokenUnavailable;
+    use secrecy::SecretString;
+    use std::{
+        collections::VecDeque,
+        io::Write,
+        sync::{
+            atomic::{AtomicU64, Ordering},
+            Mutex,
+        },
+    };
+
+    const RT: &str = "1//0refresh-SECRET-abc";
+    const RT2: &str = "1//0refresh-SECRET-new";
+    const ROTATED: &str = "1//0refresh-SECRET-rotated";
+
+    enum Step {
+        Reply(Result<Grant, RefreshError>),
+        /// Answer after this long.
+        Slow(Duration, Result<Grant, RefreshError>),
+        Hang,
+    }
+
+    fn grant(access: &str, secs: u64) -> Result<Grant, RefreshError> {
+        Ok(Grant {
+            access_token: SecretString::from(access.to_owned()),
+            expires_in: Duration::from_secs(secs),
+            refresh_token: None,
+        })
+    }
+
+    fn rotated_grant(access: &str, secs: u64) -> Result<Grant, RefreshError> {
+        Ok(Grant {
+            access_token: SecretString::from(access.to_owned()),
+            expires_in: Duration::from_secs(secs),
+            refresh_token: Some(SecretString::from(ROTATED.to_owned())),
+        })
+    }
+
+    fn transient() -> Result<Grant, RefreshError> {
+        Err(RefreshError::Transient {
+            detail: "HTTP 503 from the token endpoint".into(),
+        })
+    }
+
+    fn invalid_grant() -> Result<Grant, RefreshError> {
+        Err(RefreshError::InvalidGrant {
+            description: "Token has been expired or revoked.".into(),
+        })
+    }
+
+    /// An in-memory token endpoint: scripted replies, then 3600 s tokens
+    /// "ya29.SECRET-<n>"; records when it was called and with which refresh token.
+    #[derive(Clone, Default)]
+    struct Fake {
+        steps: Arc<Mutex<VecDeque<Step>>>,
+        calls: Arc<Mutex<Vec<(Instant, String)>>>,
+        n: Arc<AtomicU64>,
+    }
+
+    impl Fake {
+        fn with(steps: Vec<Step>) -> Self {
+            let f = Fake::default();
+            f.steps.lock().unwrap().extend(steps);
+            f
+        }
+        fn push(&self, step: Step) {
+            self.steps.lock().unwrap().push_back(step);
+        }
+        fn count(&self) -> usize {
+            self.calls.lock().unwrap().len()
+        }
+        fn call_times(&self) -> Vec<Instant> {
+            self.calls.lock().unwrap().iter().map(|c| c.0).collect()
+        }
+    }
+
+    impl Refresher for Fake {
+        fn refresh(
+            &self,
+            refresh_token: &SecretString,
+        ) -> impl std::future::Future<Output = Result<Grant, RefreshError>> + Send {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((Instant::now(), refresh_token.expose_secret().to_owned()));
+            let n = self.n.fetch_add(1, Ordering::SeqCst) + 1;
+            let step = self.steps.lock().unwrap().pop_front();
+            async move {
+                match step {
+                    Some(Step::Reply(r)) => r,
+                    Some(Step::Slow(d, r)) => {
+                        sleep(d).await;
+                        r
+                    }
+                    Some(Step::Hang) => std::future::pending().await,
+                    None => grant(&format!("ya29.SECRET-{n}"), 3600),
+                }
+            }
+        }
+    }
+
+    fn settings() -> ManagerSettings {
+        ManagerSettings {
+            account: "relay@example.com".into(),
+            refresh_margin: Duration::from_secs(300),
+            provider_hint: ProviderHint::Gmail,
+            config_path: Some(PathBuf::from("/etc/smtp-oauth-relay.toml")),
+        }
+    }
+
+    fn store_with(json: &str) -> (tempfile::TempDir, TokenStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path().join("token.json"));
+        std::fs::write(store.path(), json).unwrap();
+        (dir, store)
+    }
+
+    fn minimal_store() -> (tempfile::TempDir, TokenStore) {
+        store_with(&format!(r#"{{"refresh_token": "{RT}"}}"#))
+    }
+
+    /// Waits (in paused time) until a token of at least `generation` is published.
+    async fn wait_generation(h: &TokenHandle, generation: u64) -> AccessToken {
+        for _ in 0..100_000 {
+            if let Ok(t) = h.current() {
+                if t.generation >= generation {
+                    return t;
+                }
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+        panic!("generation {generation} never came");
+    }
+
+    /// Log lines written while the guard lives.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl Logs {
+        fn capture(&self) -> tracing::subscriber::DefaultGuard {
+            let buf = self.0.clone();
+            let sub = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::TRACE)
+                .with_writer(move || LogWriter(buf.clone()))
+                .finish();
+            tracing::subscriber::set_default(sub)
+        }
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for LogWriter {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refreshes_ahead_at_min_of_margin_and_half_lifetime() {
+        let (_d, store) = minimal_store();
+        let fake = Fake::with(vec![
+            Step::Reply(grant("ya29.SECRET-a", 3599)),
+            Step::Reply(grant("ya29.SECRET-b", 4)),
+            Step::Reply(grant("ya29.SECRET-c", 4)),
+        ]);
+        let stop = CancellationToken::new();
+        let (h, join) = TokenManager::start(settings(), store, fake.clone(), stop.clone()).unwrap();
+        assert_eq!(wait_generation(&h, 1).await.secret(), "ya29.SECRET-a");
+        wait_generation(&h, 3).await;
+        let t = fake.call_times();
+        assert_eq!(
+            t[1] - t[0],
+            Duration::from_secs(3299),
+            "3599 s token, 300 s margin"
+        );
+        assert_eq!(
+            t[2] - t[1],
+            Duration::from_secs(2),
+            "4 s token: at half its life"
+        );
+        assert_eq!(t[3] - t[2], Duration::from_secs(2));
+        stop.cancel();
+        join.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stored_valid_token_is_published_without_refresh() {
+        let now = unix_now();
+        let (_d, store) = store_with(&format!(
+            r#"{{"refresh_token": "{RT}", "access_token": "ya29.SECRET-stored", "expires_at": {}, "last_refresh_at": {}}}"#,
+            now + 3000,
+            now - 599
+        ));
+        let fake = Fake::default();
+        let stop = CancellationToken::new();
+        let (h, _join) =
+            TokenManager::start(settings(), store, fake.clone(), stop.clone()).unwrap();
+        let t = h.current().expect("published at once");
+        assert_eq!((t.secret(), t.generation), ("ya29.SECRET-stored", 1));
+        sleep(Duration::from_secs(2600)).await;
+        assert_eq!(fake.count(), 0);
+        let t = wait_generation(&h, 2).await;
+        assert_eq!(t.secret(), "ya29.SECRET-1");
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stored_token_near_expiry_is_refreshed_at_once() {
+        let now = unix_now();
+        let (_d, store) = store_with(&format!(
+            r#"{{"refresh_token": "{RT}", "access_token": "ya29.SECRET-stored", "expires_at": {}}}"#,
+            now + 200
+        ));
+        let fake = Fake::default();
+        let stop = CancellationToken::new();
+        let (h, _join) =
+            TokenManager::start(settings(), store, fake.clone(), stop.clone()).unwrap();
+        assert!(matches!(h.current(), Err(TokenUnavailable { .. })));
+        let t = h.ready(Duration::from_secs(5)).await.unwrap();
+        assert_eq!((t.secret(), t.generation), ("ya29.SECRET-1", 1));
+        assert_eq!(fake.count(), 1);
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rotated_refresh_token_is_saved_before_the_access_token_is_published() {
+        let (_d, store) = minimal_store();
+        let fake = Fake::with(vec![Step::Reply(rotated_grant("ya29.SECRET-a", 3600))]);
+        let stop = CancellationToken::new();
+        let (h, _join) =
+            TokenManager::start(settings(), store.clone(), fake.clone(), stop.clone()).unwrap();
+        let reader = store.clone();
+        // Reads the file the moment the token appears.
+        let on_disk = tokio::spawn(async move {
+            let t = h.ready(Duration::from_secs(10)).await.unwrap();
+            (t, reader.load().unwrap())
+        })
+        .await
+        .unwrap();
+        let (token, file) = on_disk;
+        assert_eq!(token.secret(), "ya29.SECRET-a");
+        assert_eq!(file.refresh_token.expose_secret(), ROTATED);
+        assert_eq!(file.access_token.unwrap().expose_secret(), "ya29.SECRET-a");
+        let issued = file
+            .refresh_token_issued_at
+            .expect("issued_at set on rotation");
+        assert!(file.last_refresh_at.is_some() && file.expires_at.is_some());
+
+        // The next refresh uses the rotated token; without rotation it is kept.
+        sleep(Duration::from_secs(3301)).await;
+        let calls = fake.calls.lock().unwrap().clone();
+        assert_eq!(calls[1].1, ROTATED);
+        let file = store.load().unwrap();
+        assert_eq!(file.refresh_token.expose_secret(), ROTATED);
+        assert_eq!(file.refresh_token_issued_at, Some(issued));
+        assert_eq!(file.access_token.unwrap().expose_secret(), "ya29.SECRET-2");
+        assert_eq!(store.mode(), Some(0o600));
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_save_of_rotated_token_is_loud_but_the_token_is_used() {
+        let logs = Logs::default();
+        let _g = logs.capture();
+        let (dir, store) = minimal_store();
+        let fake = Fake::with(vec![
+            Step::Slow(Duration::from_secs(1), rotated_grant("ya29.SECRET-a", 3600)),
+            Step::Reply(grant("ya29.SECRET-b", 3600)),
+        ]);
+        let stop = CancellationToken::new();
+        let (h, _join) =
+            TokenManager::start(settings(), store, fake.clone(), stop.clone()).unwrap();
+        sleep(Duration::from_millis(100)).await;
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        assert_eq!(wait_generation(&h, 1).await.secret(), "ya29.SECRET-a");
+        let text = logs.text();
+        assert!(
+            text.lines()
+                .any(|l| l.contains("ERROR") && l.contains("ROTATED") && l.contains("token.json")),
+            "{text}"
+        );
+        // The rotated token (only in memory now) is the one used next.
+        wait_generation(&h, 2).await;
+        assert_eq!(fake.calls.lock().unwrap()[1].1, ROTATED);
+        assert!(!logs.text().contains(ROTATED) && !logs.text().contains(RT));
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forced_refresh_is_single_flight_and_debounced() {
+        let (_d, store) = minimal_store();
+        let fake = Fake::default();
+        let stop = CancellationToken::new();
+        let (h, _join) =
+            TokenManager::start(settings(), store, fake.clone(), stop.clone()).unwrap();
+        wait_generation(&h, 1).await;
+        sleep(FORCED_REFRESH_DEBOUNCE).await;
+        fake.push(Step::Slow(
+            Duration::from_secs(2),
+            grant("ya29.SECRET-forced", 3600),
+        ));
+        // 20 senders see a 535 at once: one refresh, right away.
+        let asked = Instant::now();
+        let waiters: Vec<_> = (0..20)
+            .map(|_| {
+                let h = h.clone();
+                tokio::spawn(async move { h.refresh_after(1, Duration::from_secs(30)).await })
+            })
+            .collect();
+        for w in waiters {
+            assert_eq!(w.await.unwrap().unwrap().secret(), "ya29.SECRET-forced");
+        }
+        assert!(asked.elapsed() < Duration::from_secs(3));
+        assert_eq!(fake.count(), 2, "one refresh for twenty requests");
+        // The storm leaves nothing behind.
+        sleep(Duration::from_secs(60)).await;
+        assert_eq!(fake.count(), 2);
+
+        // The new token is rejected too: the next forced refresh waits for the debounce.
+        sleep(Duration::from_secs(1)).await;
+        fake.push(Step::Reply(grant("ya29.SECRET-again", 3600)));
+        let t = h.refresh_after(2, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(t.generation, 3, "61 s after the last refresh: honoured");
+        let asked = Instant::now();
+        assert!(h.refresh_after(3, Duration::from_secs(3)).await.is_err());
+        assert_eq!(fake.count(), 3, "not within 10 s of the last success");
+        let t = h.refresh_after(3, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(t.generation, 4);
+        let gap = fake.call_times()[3] - fake.call_times()[2];
+        assert_eq!(gap, FORCED_REFRESH_DEBOUNCE, "deferred, not dropped");
+        assert!(asked.elapsed() <= FORCED_REFRESH_DEBOUNCE);
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_errors_back_off_and_keep_the_valid_token() {
+        let (_d, store) = minimal_store();
+        let fake = Fake::with(vec![
+            Step::Reply(grant("ya29.SECRET-a", 3599)),
+            Step::Reply(transient()),
+            Step::Reply(transient()),
+            Step::Reply(transient()),
+            Step::Reply(transient()),
+        ]);
+        let stop = CancellationToken::new();
+        let (h, _join) =
+            TokenManager::start(settings(), store.clone(), fake.clone(), stop.clone()).unwrap();
+        wait_generation(&h, 1).await;
+        sleep(Duration::from_millis(3299_500)).await;
+        // The refresh-ahead failed; the old token is still handed out.
+        assert!(fake.count() >= 2);
+        assert_eq!(h.current().unwrap().secret(), "ya29.SECRET-a");
+        assert!(store.load().unwrap().last_error.unwrap().contains("503"));
+        let t = wait_generation(&h, 2).await;
+        assert_eq!(t.secret(), "ya29.SECRET-6");
+        let times = fake.call_times();
+        assert_eq!(times.len(), 6);
+        for (i, pair) in times[1..].windows(2).enumerate() {
+            let gap = pair[1] - pair[0];
+            assert!(gap <= backoff_ceiling(i as u32), "retry {i} after {gap:?}");
+            assert!(gap >= Duration::from_millis(100));
+        }
+        assert!(store.load().unwrap().last_error.is_none());
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failure_is_the_reason_once_the_token_expired() {
+        let (_d, store) = minimal_store();
+        let fake = Fake::with(vec![Step::Reply(grant("ya29.SECRET-a", 20))]);
+        for _ in 0..100 {
+            fake.push(Step::Reply(transient()));
+        }
+        let stop = CancellationToken::new();
+        let (h, _join) =
+            TokenManager::start(settings(), store, fake.clone(), stop.clone()).unwrap();
+        wait_generation(&h, 1).await;
+        sleep(Duration::from_secs(30)).await;
+        let e = h.current().unwrap_err();
+        assert!(e.reason.contains("HTTP 503"), "{}", e.reason);
+        assert!(e.reason.contains("relay@example.com") && !e.reason.contains('\n'));
+        // Backoff keeps the attempts few: 1 + at most ~log2 of the time passed.
+        assert!(fake.count() < 12, "{} attempts", fake.count());
+        stop.cancel();
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_doubling_to_five_minutes() {
+        assert_eq!(backoff_ceiling(0), Duration::from_secs(1));
+        assert_eq!(backoff_ceiling(3), Duration::from_secs(8));
+        assert_eq!(backoff_ceiling(8), Duration::from_secs(256));
+        assert_eq!(backoff_ceiling(9), Duration::from_secs(300));
+        assert_eq!(backoff_ceiling(u32::MAX), Duration::from_secs(300));
+        let samples: Vec<_> = (0..200).map(|_| backoff_delay(12)).collect();
+        assert!(samples.iter().all(|d| *d <= BACKOFF_CAP));
+        assert!(
+            samples.iter().any(|d| *d < Duration::from_secs(150)),
+            "jitter"
+        );
+        assert!(
+            samples.iter().any(|d| *d > Duration::from_secs(150)),
+            "jitter"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalid_grant_is_reported_once_and_a_new_token_file_recovers() {
+        let logs = Logs::default();
+        let _g = logs.capture();
+        let (_d, store) = minimal_store();
+        let fake = Fake::with(vec![Step::Reply(invalid_grant())]);
+        let stop = CancellationToken::new();
+        let (h, join) =
+            TokenManager::start(settings(), store.clone(), fake.clone(), stop.clone()).unwrap();
+        sleep(Duration::from_secs(3600)).await;
+        assert_eq!(fake.count(), 1, "invalid_grant is not retried");
+        let e = h.current().unwrap_err();
+        assert!(e.reason.contains("invalid_grant"), "{}", e.reason);
+        assert!(!e.reason.contains('\n') && e.reason.len() < 400);
+        assert_eq!(
+            store.load().unwrap().last_error.as_deref(),
+            Some("invalid_grant: Token has been expired or revoked.")
+        );
+        let text = logs.text();
+        let errors: Vec<_> = text.lines().filter(|l| l.contains("ERROR")).collect();
+        assert_eq!(errors.len(), 1, "{text}");
+        let line = errors[0];
+        for needle in [
+            "relay@example.com",
+            "refresh token expired or revoked (invalid_grant: Token has been expired or revoked.)",
+            "run `smtp-oauth-relay authorize --config /etc/smtp-oauth-relay.toml --account relay@example.com`",
+            "Google expires refresh tokens after 7 days while the OAuth consent screen is External in Testing",
+            "the password changes",
+            "6 months",
+            "too many newer tokens",
+        ] {
+            assert!(line.contains(needle), "missing {needle:?} in {line}");
+        }
+
+        // `authorize` writes a new refresh token: picked up without a restart.
+        let mut file = store.load().unwrap();
+        file.refresh_token = SecretString::from(RT2.to_owned());
+        file.last_error = None;
+        store.save(&file).unwrap();
+        let t = wait_generation(&h, 1).await;
+        assert_eq!(t.secret(), "ya29.SECRET-2");
+        assert_eq!(fake.calls.lock().unwrap()[1].1, RT2);
+        let text = logs.text();
+        for secret in [RT, RT2, "ya29.SECRET-2"] {
+            assert!(!text.contains(secret), "{secret} logged");
+        }
+        stop.cancel();
+        join.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalid_client_hints_at_the_client_credentials() {
+        let logs = Logs::default();
+        let _g = logs.capture();
+        let (_d, store) = minimal_store();
+        let fake = Fake::with(vec![Step::Reply(Err(RefreshError::InvalidClient {
+            description: "Unauthorized".into(),
+        }))]);
+        let stop = CancellationToken::new();
+        let (h, _join) =
+            TokenManager::start(settings(), store, fake.clone(), stop.clone()).unwrap();
+        sleep(Duration::from_secs(600)).await;
+        assert_eq!(fake.count(), 1);
+        assert!(h
+            .current()
+            .unwrap_err()
+            .reason
+            .contains("client_id/client_secret"));
+        let text = logs.text();
+        assert!(
+            text.lines().any(|l| l.contains("ERROR")
+                && l.contains("invalid_client: Unauthorized")
+                && l.contains("client_secret in /etc/smtp-oauth-relay.toml")),
+            "{text}"
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_is_prompt_while_waiting_and_mid_refresh() {
+        let (_d, store) = minimal_store();
+        let stop = CancellationToken::new();
+        let (h, join) =
+            TokenManager::start(settings(), store.clone(), Fake::default(), stop.clone()).unwrap();
+        wait_generation(&h, 1).await;
+        stop.cancel();
+        tokio::time::timeout(Duration::from_millis(10), join)
+            .await
+            .expect("stopped while waiting")
+            .unwrap();
+
+        let stop = CancellationToken::new();
+        let (_h, join) = TokenManager::start(
+            settings(),
+            store,
+            Fake::with(vec![Step::Hang]),
+            stop.clone(),
+        )
+        .unwrap();
+        sleep(Duration::from_secs(1)).await;
+        stop.cancel();
+        tokio::time::timeout(Duration::from_millis(10), join)
+            .await
+            .expect("stopped mid-refresh")
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn secrets_never_reach_the_log() {
+        let logs = Logs::default();
+        let _g = logs.capture();
+        let (_d, store) = minimal_store();
+        let fake = Fake::with(vec![
+            Step::Reply(rotated_grant("ya29.SECRET-a", 60)),
+            Step::Reply(transient()),
+            Step::Reply(Err(RefreshError::Other {
+                detail: "cannot understand the token endpoint's reply".into(),
+            })),
+            Step::Reply(grant("ya29.SECRET-b", 60)),
+            Step::Reply(invalid_grant()),
+        ]);
+        let stop = CancellationToken::new();
+        let (h, _join) =
+            TokenManager::start(settings(), store, fake.clone(), stop.clone()).unwrap();
+        sleep(Duration::from_secs(600)).await;
+        assert_eq!(fake.count(), 5);
+        let _ = format!("{:?} {:?}", h.current(), fake.calls.lock().unwrap().len());
+        let text = logs.text();
+        assert!(text.contains("access token refreshed"), "{text}");
+        for secret in [RT, ROTATED, "ya29.SECRET-a", "ya29.SECRET-b"] {
+            assert!(!text.contains(secret), "{secret} logged:\n{text}");
+        }
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn start_without_token_file_says_run_authorize() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path().join("missing.json"));
+        let e = TokenManager::start(settings(), store, Fake::default(), CancellationToken::new())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("missing.json") && e.contains("smtp-oauth-relay authorize"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn start_outside_a_runtime_is_an_error_not_a_panic() {
+        let (_d, store) = minimal_store();
+        let e = TokenManager::start(settings(), store, Fake::default(), CancellationToken::new());
+        assert!(matches!(e, Err(OAuthError::NoRuntime)));
+    }
+
+    #[tokio::test]
+    async fn refresh_now_saves_the_grant_and_records_failures() {
+        let (_d, store) = minimal_store();
+        let fake = Fake::with(vec![
+            Step::Reply(rotated_grant("ya29.SECRET-a", 3599)),
+            Step::Reply(invalid_grant()),
+        ]);
+        let before = unix_now();
+        let file = refresh_now(&store, &fake).await.unwrap();
+        assert_eq!(file.refresh_token.expose_secret(), ROTATED);
+        let disk = store.load().unwrap();
+        assert_eq!(disk.access_token.unwrap().expose_secret(), "ya29.SECRET-a");
+        let exp = disk.expires_at.unwrap();
+        assert!(exp >= before + 3599 && exp <= unix_now() + 3599);
+        assert!(disk.refresh_token_issued_at.is_some() && disk.last_refresh_at.is_some());
+
+        let e = refresh_now(&store, &fake).await.unwrap_err();
+        assert!(matches!(
+            e,
+            OAuthError::Refresh(RefreshError::InvalidGrant { .. })
+        ));
+        assert!(!e.to_string().contains(ROTATED));
+        let disk = store.load().unwrap();
+        assert_eq!(
+            disk.last_error.as_deref(),
+            Some("invalid_grant: Token has been expired or revoked.")
+        );
+        assert_eq!(disk.refresh_token.expose_secret(), ROTATED);
+    }
+
+    #[test]
+    fn remedy_texts() {
+        let mut s = settings();
+        let ig = RefreshError::InvalidGrant {
+            description: "Token has been expired or revoked.".into(),
+        };
+        assert!(s.remedy(&ig).unwrap().contains("7 days"));
+        s.provider_hint = ProviderHint::Custom;
+        s.config_path = None;
+        let r = s.remedy(&ig).unwrap();
+        assert!(!r.contains("Google"), "{r}");
+        assert!(r.contains("run `smtp-oauth-relay authorize --account relay@example.com`"));
+        assert!(s
+            .remedy(&RefreshError::Transient { detail: "x".into() })
+            .is_none());
+        assert_eq!(
+            ManagerSettings::new("a").refresh_margin,
+            DEFAULT_REFRESH_MARGIN
+        );
     }
 }
