@@ -212,7 +212,9 @@ mod tests {
         assert_eq!(ids.len(), 10_000);
         let id = ids.iter().next().unwrap();
         assert_eq!(id.len(), 16);
-        assert!(id.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()));
+        assert!(id
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()));
     }
 
     #[test]
@@ -260,7 +262,11 @@ mod tests {
             read_line(&mut third).await,
             "421 4.7.0 relay.test Too many connections, try again later\r\n"
         );
-        assert_eq!(read_line(&mut third).await, "", "refused connection is closed");
+        assert_eq!(
+            read_line(&mut third).await,
+            "",
+            "refused connection is closed"
+        );
 
         // A slot frees up when a session ends.
         let mut first = open.remove(0);

@@ -70,6 +70,8 @@ pub async fn run_session<IO, D>(
         skip: 0,
     };
     let end = session.run().await;
+    // Send FIN after the last reply; a client that stopped reading cannot hold us.
+    let _ = tokio::time::timeout(Duration::from_secs(1), session.io.shutdown()).await;
     info!(
         %peer,
         messages = session.messages,
@@ -185,7 +187,10 @@ where
             }
             if self.overlong > MAX_OVERLONG {
                 self.reply(500, [5, 5, 2], "Line too long");
-                let text = format!("{} Too many errors, closing connection", self.settings.hostname);
+                let text = format!(
+                    "{} Too many errors, closing connection",
+                    self.settings.hostname
+                );
                 self.reply(421, [4, 7, 0], &text);
                 self.flush().await;
                 return End::TooManyErrors;
@@ -211,9 +216,7 @@ where
                 Read::Eof => return End::Eof,
                 Read::Failed => return End::IoError,
                 Read::Shutdown => return self.shutting_down().await,
-                Read::Timeout if self.shutdown.is_cancelled() => {
-                    return self.shutting_down().await
-                }
+                Read::Timeout if self.shutdown.is_cancelled() => return self.shutting_down().await,
                 Read::Timeout => {
                     let text = format!(
                         "{} Idle timeout, closing connection",
@@ -258,12 +261,20 @@ where
         }
     }
 
-    /// Writes the pending replies in one write. False if the connection is gone.
+    /// Writes the pending replies in one write. False if the connection is gone, or the
+    /// client has not read its replies for `command_timeout`.
     async fn flush(&mut self) -> bool {
         if self.out.is_empty() {
             return true;
         }
-        let ok = self.io.write_all(&self.out).await.is_ok() && self.io.flush().await.is_ok();
+        let write = async {
+            self.io.write_all(&self.out).await?;
+            self.io.flush().await
+        };
+        let ok = matches!(
+            tokio::time::timeout(self.settings.command_timeout, write).await,
+            Ok(Ok(()))
+        );
         self.out.clear();
         ok
     }
