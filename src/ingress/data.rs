@@ -3,25 +3,27 @@
 //!
 //! `DataReceiver` ends the message only at `CRLF . CRLF` (a bare LF never ends it, so SMTP
 //! smuggling with `\n.\n`, `\r\n.\n` or `\n.\r\n` cannot split one message in two) and undoes
-//! dot-stuffing. Two gaps are closed here: it starts as if it were in the middle of a line,
-//! so a message whose very first line is `.` (empty message) or `..x` would be misread — we
-//! prime it with a CRLF; and it has no size limit — once the message grows past
-//! `max_message_size` we switch to its `DummyDataReceiver` (same state, discards bytes) and
-//! keep reading to the end of the data so the session stays in sync.
+//! dot-stuffing. Three gaps are closed here: it starts as if it were in the middle of a
+//! line, so a message whose very first line is `.` (empty message) or `..x` would be
+//! misread — we prime it with a CRLF; it also ends at `CRLF . CR CR LF` — we resume
+//! instead; and it has no size limit — once the message grows past `max_message_size` we
+//! keep only the last bytes and read on to the end of the data, so the session stays in
+//! sync and the client gets its `552` as the reply to the final dot.
 
 use std::net::IpAddr;
 use std::slice::Iter;
 
 use memchr::memchr2;
 
-use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver};
+use smtp_proto::request::receiver::DataReceiver;
 
 /// Reads one message's text, byte slice by byte slice, as it comes off the socket.
 pub(crate) struct DataReader {
     receiver: DataReceiver,
     /// Set once the message is over the limit: the rest is read and thrown away.
-    discard: Option<DummyDataReceiver>,
-    /// Our `Received:` header, then the message as received (dot-stuffing undone).
+    too_big: bool,
+    /// Our `Received:` header, then the message as received (dot-stuffing undone). Once
+    /// `too_big`, only the last bytes read (enough to recognise the end).
     buf: Vec<u8>,
     header_len: usize,
     max_size: usize,
@@ -35,20 +37,24 @@ pub(crate) enum DataOutcome {
     TooBig,
 }
 
+/// A `DataReceiver` in the state "at the start of a line": a `.` next is either the end
+/// of data or a stuffed dot.
+fn receiver_at_line_start() -> DataReceiver {
+    let mut receiver = DataReceiver::new();
+    let mut scratch = Vec::with_capacity(2);
+    let ended = receiver.ingest(&mut b"\r\n".iter(), &mut scratch);
+    debug_assert!(!ended);
+    receiver
+}
+
 impl DataReader {
     /// `header` is the `Received:` field to put in front of the message.
     pub(crate) fn new(mut header: Vec<u8>, max_size: usize) -> Self {
         let header_len = header.len();
-        let mut receiver = DataReceiver::new();
-        // Prime the receiver: the first byte of DATA is the start of a line, so a leading
-        // `.` must be seen as following CRLF (end of data, or a stuffed dot to remove).
-        let primed = receiver.ingest(&mut b"\r\n".iter(), &mut header);
-        debug_assert!(!primed);
-        header.truncate(header_len);
         header.reserve(8192);
         DataReader {
-            receiver,
-            discard: None,
+            receiver: receiver_at_line_start(),
+            too_big: false,
             buf: header,
             header_len,
             max_size,
@@ -58,20 +64,36 @@ impl DataReader {
     /// Consumes bytes from `bytes`; returns true once the end of data (`CRLF.CRLF`) was read.
     /// Bytes after the end are left in `bytes` (pipelined commands).
     pub(crate) fn ingest(&mut self, bytes: &mut Iter<'_, u8>) -> bool {
-        if let Some(discard) = &mut self.discard {
-            return discard.ingest(bytes);
+        loop {
+            let done = self.receiver.ingest(bytes, &mut self.buf);
+            if !self.too_big && self.buf.len() - self.header_len > self.max_size {
+                self.too_big = true;
+            }
+            if self.too_big && self.buf.len() > 2 {
+                // Keep two bytes: the receiver may pop one, and the last one tells a
+                // lenient end (below) from a real one.
+                let keep = self.buf.len() - 2;
+                self.buf.drain(..keep);
+            }
+            if !done {
+                return false;
+            }
+            // smtp-proto also ends at `CRLF . CR+ CRLF`, leaving the extra CRs in the
+            // buffer. That is not `CRLF.CRLF`: per RFC 5321 4.5.2 it is a line starting
+            // with a dot (removed) followed by other characters. Put back the CRLF the
+            // receiver took and carry on at the start of the next line.
+            if self.buf.last() == Some(&b'\r') {
+                self.buf.extend_from_slice(b"\r\n");
+                self.receiver = receiver_at_line_start();
+                continue;
+            }
+            return true;
         }
-        let done = self.receiver.ingest(bytes, &mut self.buf);
-        if self.buf.len() - self.header_len > self.max_size {
-            self.discard = Some(DummyDataReceiver::new_data(&self.receiver));
-            self.buf = Vec::new();
-        }
-        done
     }
 
     /// The result once `ingest` returned true.
     pub(crate) fn finish(self) -> DataOutcome {
-        if self.discard.is_some() {
+        if self.too_big {
             return DataOutcome::TooBig;
         }
         DataOutcome::Complete(normalize_line_endings(self.buf, self.header_len))
@@ -267,6 +289,17 @@ mod tests {
         // bare LF is not a line end), so RFC 5321 4.5.2 removes the dot.
         let (msg, _) = read(&[b"a\r\n.\nb\r\n.\r\n"], 1000);
         assert_eq!(msg.unwrap(), b"a\r\n\r\nb\r\n");
+    }
+
+    #[test]
+    fn dot_cr_cr_lf_is_not_an_end_of_data() {
+        let (msg, rest) = read(&[b"a\r\n.\r\r\nb\r\n.\r\nX"], 1000);
+        // The line `.\r\r\n` is `\r` after dot removal, then normalised.
+        assert_eq!(msg.unwrap(), b"a\r\n\r\n\r\nb\r\n");
+        assert_eq!(rest, b"X");
+        let (msg, rest) = read(&[b"0123456789\r\n.\r", b"\r\nmore\r\n.\r\nX"], 5);
+        assert!(msg.is_none());
+        assert_eq!(rest, b"X");
     }
 
     #[test]
