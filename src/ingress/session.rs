@@ -13,7 +13,8 @@
 //! - Command lines may be up to 4096 bytes (smtp-proto's limit; RFC 5321's 512 is a minimum
 //!   that extensions already exceed). Longer lines get `500 5.5.2 Line too long` once their
 //!   LF arrives; the session stays usable.
-//! - Lines may end in CRLF or a bare LF (as smtp-proto accepts).
+//! - Lines may end in CRLF or a bare LF (as smtp-proto accepts), and MAIL/RCPT addresses
+//!   may lack their angle brackets (`MAIL FROM:user@host`, as Postfix allows by default).
 //! - Pipelining: every complete command already buffered is answered before we flush; the
 //!   replies go out in one write when the input is drained or before any wait (RFC 2920).
 
@@ -207,15 +208,14 @@ where
                     .get_or_insert_with(|| tokio::time::Instant::now() + SHUTDOWN_GRACE);
             }
             let idle = tokio::time::Instant::now() + self.settings.command_timeout;
-            let (deadline, watch_shutdown) = match shutdown_deadline {
-                Some(d) => (d.min(idle), false),
-                None => (idle, self.tx.is_none()),
-            };
-            match self.read(deadline, watch_shutdown).await {
+            let deadline = shutdown_deadline.map_or(idle, |d: tokio::time::Instant| d.min(idle));
+            match self.read(deadline, shutdown_deadline.is_none()).await {
                 Read::Data => {}
                 Read::Eof => return End::Eof,
                 Read::Failed => return End::IoError,
-                Read::Shutdown => return self.shutting_down().await,
+                // Back to the top: an idle session says goodbye there, one in a
+                // transaction gets its grace period.
+                Read::Shutdown => {}
                 Read::Timeout if self.shutdown.is_cancelled() => return self.shutting_down().await,
                 Read::Timeout => {
                     let text = format!(
@@ -314,6 +314,8 @@ where
             debug!(peer = %self.peer, "NUL in command");
             return self.error(500, [5, 5, 2], "NUL character not allowed in commands");
         }
+        let fixed = add_angle_brackets(line);
+        let line = fixed.as_deref().unwrap_or(line);
         let request = match Request::parse(&mut line.iter()) {
             Ok(request) => request,
             Err(err) => return self.parse_error(err, line),
@@ -680,6 +682,46 @@ where
     fn reply_plain(&mut self, code: u16, text: &str) {
         Reply::plain(code, text).write_to(&mut self.out);
     }
+}
+
+/// Old clients send `MAIL FROM:user@host` or `RCPT TO: user@host` without angle brackets;
+/// Postfix accepts that by default (`strict_rfc821_envelopes = no`) and so do we, by adding
+/// the brackets around the first word before smtp-proto parses the line. `None` for any
+/// other line (the usual case: a few byte comparisons).
+fn add_angle_brackets(line: &[u8]) -> Option<Vec<u8>> {
+    let verb = line.get(..4)?;
+    let keyword: &[u8] = if verb.eq_ignore_ascii_case(b"MAIL") {
+        b"FROM"
+    } else if verb.eq_ignore_ascii_case(b"RCPT") {
+        b"TO"
+    } else {
+        return None;
+    };
+    let colon = memchr::memchr(b':', line)?;
+    let between = line[4..colon].trim_ascii();
+    if !between.eq_ignore_ascii_case(keyword) || !line[4].is_ascii_whitespace() {
+        return None;
+    }
+    let rest = &line[colon + 1..];
+    let start = rest.iter().position(|b| *b != b' ' && *b != b'\t')?;
+    let rest = &rest[start..];
+    if rest[0] == b'<' {
+        return None;
+    }
+    let end = rest
+        .iter()
+        .position(|b| b.is_ascii_whitespace())
+        .unwrap_or(rest.len());
+    if end == 0 {
+        return None;
+    }
+    let mut fixed = Vec::with_capacity(line.len() + 2);
+    fixed.extend_from_slice(&line[..=colon]);
+    fixed.push(b'<');
+    fixed.extend_from_slice(&rest[..end]);
+    fixed.push(b'>');
+    fixed.extend_from_slice(&rest[end..]);
+    Some(fixed)
 }
 
 /// True if the reverse-path on this MAIL line is `<>` (not `<postmaster>`, which

@@ -504,7 +504,7 @@ async fn mail_and_rcpt_parameters() {
 #[tokio::test]
 async fn address_errors() {
     let (out, _) = converse(
-        "EHLO c\r\nMAIL FROM:<a@@x.org>\r\nMAIL FROM:a@x.org\r\nMAIL FROM:<j\u{f6}rg@x.org>\r\n\
+        "EHLO c\r\nMAIL FROM:<a@@x.org>\r\nMAIL <a@x.org>\r\nMAIL FROM:<j\u{f6}rg@x.org>\r\n\
          MAIL FROM:<a@x.org>\r\nRCPT TO:<no-at-sign>\r\nRCPT TO:<\u{fc}@y.org>\r\nQUIT\r\n",
     )
     .await;
@@ -517,6 +517,49 @@ async fn address_errors() {
             "250 2.1.0 Sender OK",
             "501 5.1.3 Bad recipient address syntax",
             "553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter on MAIL FROM",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn addresses_without_angle_brackets_accepted() {
+    let (out, msgs) = converse(
+        "HELO c\r\nmail from:a@x.org SIZE=10\r\nRCPT TO: b@y.org\r\nRCPT   to :c@y.org\r\n\
+         RCPT TO:\r\nDATA\r\nx\r\n.\r\nQUIT\r\n",
+    )
+    .await;
+    assert_eq!(
+        codes(&out),
+        [
+            "250 relay.test",
+            "250 2.1.0",
+            "250 2.1.5",
+            "250 2.1.5",
+            "501 5.5.4",
+            "354 End",
+            "250 2.0.0",
+            "221 2.0.0"
+        ]
+    );
+    assert_eq!(msgs[0].envelope.sender, "a@x.org");
+    assert_eq!(msgs[0].envelope.recipients, ["b@y.org", "c@y.org"]);
+    assert_eq!(add_angle_brackets(b"NOOP FROM:x\r\n"), None);
+    assert_eq!(add_angle_brackets(b"MAILFROM:x\r\n"), None);
+    assert_eq!(
+        add_angle_brackets(b"MAIL FROM:a@b BODY=8BITMIME\r\n").unwrap(),
+        b"MAIL FROM:<a@b> BODY=8BITMIME\r\n"
+    );
+}
+
+#[tokio::test]
+async fn helo_and_ehlo_need_a_domain() {
+    let (out, _) = converse("EHLO\r\nHELO \r\nQUIT\r\n").await;
+    assert_eq!(
+        replies(&out),
+        [
+            "501 5.5.4 Syntax error, expected: EHLO domain",
+            "501 5.5.4 Syntax error, expected: HELO domain",
+            "221 2.0.0 relay.test closing connection",
         ]
     );
 }
@@ -813,4 +856,39 @@ async fn client_eof_mid_data_delivers_nothing() {
     .await;
     assert_eq!(codes(&out).last().unwrap(), "354 End");
     assert!(msgs.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_grace_for_a_stalled_transaction_is_brief() {
+    let shutdown = CancellationToken::new();
+    let (mut c, task) = start(settings(), Arc::new(Recorder::new()), shutdown.clone());
+    c.line().await;
+    c.send("HELO c\r\nMAIL FROM:<a@x.org>\r\n").await;
+    c.line().await;
+    c.line().await;
+    let before = tokio::time::Instant::now();
+    shutdown.cancel();
+    assert_eq!(
+        c.line().await,
+        "421 4.3.0 relay.test Service shutting down\r\n"
+    );
+    let waited = before.elapsed();
+    assert!(
+        waited >= SHUTDOWN_GRACE && waited < Duration::from_secs(60),
+        "{waited:?}"
+    );
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_before_the_banner_still_greets_then_421() {
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    let (mut c, task) = start(settings(), Arc::new(Recorder::new()), shutdown);
+    assert!(c.line().await.starts_with("220 "));
+    assert_eq!(
+        c.line().await,
+        "421 4.3.0 relay.test Service shutting down\r\n"
+    );
+    task.await.unwrap();
 }
