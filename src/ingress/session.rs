@@ -55,6 +55,8 @@ pub async fn run_session<IO, D>(
     D: Deliver,
 {
     let started = Instant::now();
+    let session_id = new_message_id();
+    debug!(%peer, session = %session_id, "SMTP session started");
     let mut session = Session {
         io,
         peer,
@@ -75,6 +77,7 @@ pub async fn run_session<IO, D>(
     let _ = tokio::time::timeout(Duration::from_secs(1), session.io.shutdown()).await;
     info!(
         %peer,
+        session = %session_id,
         messages = session.messages,
         duration_ms = started.elapsed().as_millis() as u64,
         end = end.as_str(),
@@ -528,7 +531,10 @@ where
                 "Too many recipients (at most {} per message)",
                 self.settings.max_recipients
             );
-            return self.error(452, [4, 5, 3], &text);
+            // A limit, not a client error: pipelining clients send all their RCPTs at
+            // once and retry the rest later, so these do not count towards MAX_ERRORS.
+            self.reply(452, [4, 5, 3], &text);
+            return Next::Continue;
         }
         if let Some(tx) = &mut self.tx {
             tx.envelope.recipients.push(to.address.into_owned());

@@ -373,7 +373,7 @@ async fn size_parameter_too_big_refused_at_mail() {
 #[tokio::test]
 async fn recipient_limit_452() {
     let mut input = String::from("EHLO c\r\nMAIL FROM:<a@x.org>\r\n");
-    for i in 0..101 {
+    for i in 0..150 {
         input.push_str(&format!("RCPT TO:<r{i}@y.org>\r\n"));
     }
     input.push_str("DATA\r\nx\r\n.\r\nQUIT\r\n");
@@ -384,6 +384,9 @@ async fn recipient_limit_452() {
         100
     );
     assert_eq!(msgs[0].envelope.recipients.len(), 100);
+    // 50 refusals in a row are not "too many errors": the message is delivered.
+    assert_eq!(codes(&out).iter().filter(|c| *c == "452 4.5.3").count(), 50);
+    assert!(out.ends_with("250 2.0.0 OK queued\r\n221 2.0.0 relay.test closing connection\r\n"));
 }
 
 #[tokio::test]
@@ -891,4 +894,32 @@ async fn shutdown_before_the_banner_still_greets_then_421() {
         "421 4.3.0 relay.test Service shutting down\r\n"
     );
     task.await.unwrap();
+}
+
+#[tokio::test]
+async fn many_pipelined_messages_in_one_session() {
+    let deliver = Recorder::new();
+    let mut input = b"EHLO c\r\n".to_vec();
+    let body = "x".repeat(70) + "\r\n";
+    for i in 0..2000 {
+        input.extend_from_slice(
+            format!("MAIL FROM:<a@x.org>\r\nRCPT TO:<r{i}@y.org>\r\nDATA\r\nSubject: {i}\r\n\r\n")
+                .as_bytes(),
+        );
+        for _ in 0..20 {
+            input.extend_from_slice(body.as_bytes());
+        }
+        input.extend_from_slice(b".\r\n");
+    }
+    input.extend_from_slice(b"QUIT\r\n");
+    let started = std::time::Instant::now();
+    let (out, _) = converse_with(&settings(), &deliver, &input).await;
+    eprintln!("2000 messages in {:?}", started.elapsed());
+    assert!(out.ends_with("221 2.0.0 relay.test closing connection\r\n"));
+    let msgs = deliver.messages();
+    assert_eq!(msgs.len(), 2000);
+    let ids: std::collections::HashSet<_> = msgs.iter().map(|m| m.id.clone()).collect();
+    assert_eq!(ids.len(), 2000);
+    assert_eq!(msgs[1999].envelope.recipients, ["r1999@y.org"]);
+    assert!(body_after_received(&msgs[1999].data).starts_with(b"Subject: 1999\r\n\r\nxxx"));
 }
