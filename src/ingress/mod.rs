@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::net::TcpListener;
+use std::io;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -100,9 +103,29 @@ pub async fn serve<D: Deliver>(
     Ok(())
 }
 
+/// Where connections come from: a `TcpListener`, or a test double that fails on demand.
+trait Accept: Send + 'static {
+    fn accept(
+        &self,
+    ) -> impl std::future::Future<Output = io::Result<(TcpStream, SocketAddr)>> + Send;
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+impl Accept for TcpListener {
+    fn accept(
+        &self,
+    ) -> impl std::future::Future<Output = io::Result<(TcpStream, SocketAddr)>> + Send {
+        TcpListener::accept(self)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        TcpListener::local_addr(self)
+    }
+}
+
 /// Accepts on one listener until shutdown.
-async fn accept_loop<D: Deliver>(
-    listener: TcpListener,
+async fn accept_loop<L: Accept, D: Deliver>(
+    listener: L,
     settings: Arc<IngressSettings>,
     deliver: Arc<D>,
     shutdown: CancellationToken,
@@ -286,6 +309,52 @@ mod tests {
 
         shutdown.cancel();
         server.await.unwrap().unwrap();
+    }
+
+    /// Fails `fails` times with EMFILE, then accepts for real.
+    struct Flaky {
+        inner: TcpListener,
+        fails: std::sync::atomic::AtomicU32,
+    }
+
+    impl Accept for Flaky {
+        async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+            if self.fails.load(Ordering::Relaxed) > 0 {
+                self.fails.fetch_sub(1, Ordering::Relaxed);
+                return Err(io::Error::from_raw_os_error(24)); // EMFILE
+            }
+            self.inner.accept().await
+        }
+
+        fn local_addr(&self) -> io::Result<SocketAddr> {
+            self.inner.local_addr()
+        }
+    }
+
+    #[tokio::test]
+    async fn accept_errors_are_retried_not_fatal() {
+        let (l, addr) = listener().await;
+        let flaky = Flaky {
+            inner: l,
+            fails: 3.into(),
+        };
+        let shutdown = CancellationToken::new();
+        let sessions = TaskTracker::new();
+        let settings = Arc::new(IngressSettings::new("relay.test".into()));
+        let acceptor = tokio::spawn(accept_loop(
+            flaky,
+            settings,
+            Arc::new(AcceptAll),
+            shutdown.clone(),
+            Arc::new(Semaphore::new(4)),
+            sessions.clone(),
+        ));
+        let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        assert!(read_line(&mut c).await.starts_with("220 relay.test"));
+        shutdown.cancel();
+        acceptor.await.unwrap();
+        sessions.close();
+        sessions.wait().await;
     }
 
     #[tokio::test]
