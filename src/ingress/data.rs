@@ -9,6 +9,13 @@
 //! instead; and it has no size limit — once the message grows past `max_message_size` we
 //! keep only the last bytes and read on to the end of the data, so the session stays in
 //! sync and the client gets its `552` as the reply to the final dot.
+//!
+//! What the three smuggling sequences become (tested): `a\n.\nb` and `a\n.\r\nb` keep the dot
+//! (it does not follow CRLF) and are delivered as `a\r\n.\r\nb`; `a\r\n.\nb` is a line that
+//! starts with a dot after CRLF and has more characters (a bare LF ends no line), so RFC
+//! 5321 4.5.2 removes the dot and it is delivered as `a\r\n\r\nb`. None ends the message.
+//! The message text always ends in CRLF (the CRLF of `CRLF.CRLF` belongs to the last line)
+//! unless it is empty; it is never changed otherwise, 8-bit bytes included.
 
 use std::net::IpAddr;
 use std::slice::Iter;
