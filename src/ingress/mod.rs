@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use std::io;
 use std::net::SocketAddr;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -162,9 +163,15 @@ async fn accept_loop<L: Accept, D: Deliver>(
                 "421 4.7.0 {} Too many connections, try again later\r\n",
                 settings.hostname
             );
-            // A fresh socket's send buffer is empty: this never blocks and never fails
-            // short in practice. The stream is closed when dropped.
-            let _ = stream.try_write(reply.as_bytes());
+            // Off the accept path (a fresh socket's readiness is not known yet), bounded.
+            sessions.spawn(async move {
+                let mut stream = stream;
+                let write = async {
+                    stream.write_all(reply.as_bytes()).await?;
+                    stream.shutdown().await
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
+            });
             continue;
         };
         let _ = stream.set_nodelay(true);
