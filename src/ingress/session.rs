@@ -17,6 +17,13 @@
 //!   may lack their angle brackets (`MAIL FROM:user@host`, as Postfix allows by default).
 //! - Pipelining: every complete command already buffered is answered before we flush; the
 //!   replies go out in one write when the input is drained or before any wait (RFC 2920).
+//! - MAIL takes SIZE, BODY=7BIT/8BITMIME and SMTPUTF8 (after HELO too); every other
+//!   parameter, and any RCPT parameter, gets `555 5.5.4` (nothing else is advertised).
+//!   Non-ASCII addresses need SMTPUTF8 (`553 5.6.7`, RFC 6531 3.5).
+//! - 20 failed commands in a row end the session with `421 4.7.0`; `452 4.5.3` for
+//!   recipients over the limit is not counted (pipelining clients send them all at once).
+//! - On shutdown an idle session gets `421 4.3.0` at once; one in a transaction may finish
+//!   it within `SHUTDOWN_GRACE` (a DATA already started always finishes and is delivered).
 
 use std::net::SocketAddr;
 use std::time::Instant;
