@@ -536,3 +536,6 @@ pub(crate) fn random_string(len: usize) -> String {
 pub(crate) fn new_refresh_token() -> String {
     format!("1//sandbox-{}", random_string(40))
 }
+
+#[cfg(test)]
+mod tests;

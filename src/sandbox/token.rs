@@ -212,7 +212,7 @@ fn refresh_grant(shared: &Shared, refresh: &str) -> Response {
 }
 
 /// `Authorization: Basic base64(urlencode(id) ":" urlencode(secret))` (RFC 6749 2.3.1).
-fn parse_basic(value: &str) -> Option<(String, String)> {
+pub(super) fn parse_basic(value: &str) -> Option<(String, String)> {
     let (scheme, rest) = value.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
@@ -237,7 +237,7 @@ fn parse_form(body: &[u8]) -> HashMap<String, String> {
     map
 }
 
-fn percent_decode(s: &str) -> String {
+pub(super) fn percent_decode(s: &str) -> String {
     fn hex(b: u8) -> Option<u8> {
         (b as char).to_digit(16).map(|d| d as u8)
     }

@@ -1,0 +1,639 @@
+//! Tests of the sandbox over real loopback sockets: a tiny raw SMTP client (plain, then
+//! tokio-rustls trusting `ca_pem`) against the fake Gmail, and reqwest against the fake
+//! token endpoint. They assert on what a client observes: reply codes and texts, bytes
+//! delivered, files written, HTTP status and JSON.
+
+use std::time::Duration;
+
+use base64::Engine;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::*;
+
+/// A raw SMTP client: write bytes, read complete (multi-line) replies.
+struct Client<S> {
+    io: BufReader<S>,
+}
+
+/// One reply: its code and every line as received (without CRLF).
+#[derive(Debug)]
+struct Resp {
+    code: u16,
+    lines: Vec<String>,
+}
+
+impl Resp {
+    fn text(&self) -> String {
+        self.lines.join("\n")
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    async fn send(&mut self, bytes: &[u8]) {
+        self.io.get_mut().write_all(bytes).await.unwrap();
+        self.io.get_mut().flush().await.unwrap();
+    }
+
+    /// Reads one reply; `None` if the server closed the connection.
+    async fn try_read(&mut self) -> Option<Resp> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = self.io.read_line(&mut line).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            assert!(line.ends_with("\r\n"), "reply line without CRLF: {line:?}");
+            let line = line.trim_end_matches("\r\n").to_string();
+            let last = line.as_bytes().get(3) != Some(&b'-');
+            let code = line[..3].parse().unwrap();
+            lines.push(line);
+            if last {
+                return Some(Resp { code, lines });
+            }
+        }
+    }
+
+    async fn read(&mut self) -> Resp {
+        tokio::time::timeout(Duration::from_secs(10), self.try_read())
+            .await
+            .expect("reply in time")
+            .expect("connection open")
+    }
+
+    async fn cmd(&mut self, line: &str) -> Resp {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.read().await
+    }
+}
+
+async fn connect(sb: &Sandbox) -> Client<TcpStream> {
+    let sock = TcpStream::connect(sb.smtp_addr).await.unwrap();
+    let mut c = Client {
+        io: BufReader::new(sock),
+    };
+    let greeting = c.read().await;
+    assert_eq!(greeting.code, 220);
+    assert!(greeting.text().starts_with("220 smtp.gmail.com ESMTP "));
+    assert!(greeting.text().ends_with(" - gsmtp"));
+    c
+}
+
+/// Connects, EHLO, STARTTLS, EHLO again.
+async fn connect_tls(sb: &Sandbox) -> Client<TlsStream<TcpStream>> {
+    let mut c = connect(sb).await;
+    let ehlo = c.cmd("EHLO client.example").await;
+    assert!(ehlo.text().contains("250-STARTTLS"), "{ehlo:?}");
+    assert!(!ehlo.text().contains("AUTH"), "{ehlo:?}");
+    let r = c.cmd("STARTTLS").await;
+    assert_eq!(r.text(), "220 2.0.0 Ready to start TLS");
+    let connector = TlsConnector::from(sb.client_tls_config());
+    let name = rustls_pki_types::ServerName::try_from(sb.tls_server_name.clone()).unwrap();
+    let tls = connector.connect(name, c.io.into_inner()).await.unwrap();
+    let mut c = Client {
+        io: BufReader::new(tls),
+    };
+    let ehlo = c.cmd("EHLO client.example").await;
+    assert_eq!(ehlo.code, 250);
+    assert!(
+        ehlo.text()
+            .contains("250-AUTH LOGIN PLAIN XOAUTH2 PLAIN-CLIENTTOKEN OAUTHBEARER XOAUTH"),
+        "{ehlo:?}"
+    );
+    assert!(!ehlo.text().contains("STARTTLS"), "{ehlo:?}");
+    c
+}
+
+async fn refresh(sb: &Sandbox, refresh_token: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(&sb.token_url)
+        .basic_auth(&sb.client_id, Some(&sb.client_secret))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn access_token(sb: &Sandbox) -> String {
+    let resp = refresh(sb, &sb.refresh_token).await;
+    assert_eq!(resp.status(), 200);
+    let json: serde_json::Value = resp.json().await.unwrap();
+    json["access_token"].as_str().unwrap().to_string()
+}
+
+fn xoauth2(user: &str, token: &str) -> String {
+    base64::engine::general_purpose::STANDARD
+        .encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"))
+}
+
+/// A TLS connection authenticated as the sandbox user.
+async fn authed(sb: &Sandbox) -> Client<TlsStream<TcpStream>> {
+    let token = access_token(sb).await;
+    let mut c = connect_tls(sb).await;
+    let r = c
+        .cmd(&format!("AUTH XOAUTH2 {}", xoauth2(&sb.username, &token)))
+        .await;
+    assert_eq!(r.text(), "235 2.7.0 Accepted");
+    c
+}
+
+async fn sandbox() -> Sandbox {
+    Sandbox::start(SandboxOptions::default()).await.unwrap()
+}
+
+#[tokio::test]
+async fn starttls_xoauth2_end_to_end() {
+    let sb = sandbox().await;
+    let mut c = authed(&sb).await;
+    let r = c.cmd("MAIL FROM:<app@example.org> BODY=8BITMIME").await;
+    assert_eq!(r.code, 250);
+    assert!(r.text().starts_with("250 2.1.0 OK ") && r.text().ends_with(" - gsmtp"));
+    let r = c.cmd("RCPT TO:<someone@example.com>").await;
+    assert!(r.text().starts_with("250 2.1.5 OK "), "{r:?}");
+    let r = c.cmd("DATA").await;
+    assert!(r.text().starts_with("354  Go ahead "), "{r:?}");
+    c.send(b"Subject: hi\r\n\r\n..leading dot\r\nbare\nlf\r\n.\r\n")
+        .await;
+    let r = c.read().await;
+    assert!(r.text().starts_with("250 2.0.0 OK  "), "{r:?}");
+    let r = c.cmd("QUIT").await;
+    assert!(r.text().starts_with("221 2.0.0 closing connection "));
+    assert!(c.try_read().await.is_none());
+
+    let msgs = sb
+        .control
+        .wait_for_messages(1, Duration::from_secs(5))
+        .await;
+    assert_eq!(msgs.len(), 1);
+    let m = &msgs[0];
+    assert_eq!(m.mail_from, "app@example.org");
+    assert_eq!(m.rcpt_to, vec!["someone@example.com".to_string()]);
+    assert_eq!(m.data, b"Subject: hi\r\n\r\n.leading dot\r\nbare\nlf\r\n");
+    assert_eq!(m.auth_user, sb.username);
+    assert_eq!(m.body_param.as_deref(), Some("8BITMIME"));
+    assert!(!m.smtputf8);
+    let stats = sb.control.smtp_stats();
+    assert_eq!(stats.auth_ok, 1);
+    assert_eq!(stats.messages, 1);
+    assert_eq!(stats.commands.get("EHLO"), Some(&2));
+}
+
+#[tokio::test]
+async fn expired_token_gets_334_then_multiline_535() {
+    let sb = sandbox().await;
+    sb.control.set_token_lifetime(Duration::ZERO);
+    let token = access_token(&sb).await;
+    let mut c = connect_tls(&sb).await;
+    let r = c
+        .cmd(&format!("AUTH XOAUTH2 {}", xoauth2(&sb.username, &token)))
+        .await;
+    assert_eq!(r.code, 334);
+    let json = base64::engine::general_purpose::STANDARD
+        .decode(r.lines[0][4..].trim())
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(json["status"], "400");
+    assert_eq!(json["schemes"], "Bearer");
+    assert_eq!(json["scope"], "https://mail.google.com/");
+    let r = c.cmd("").await;
+    assert_eq!(r.code, 535);
+    assert_eq!(r.lines.len(), 2);
+    assert_eq!(
+        r.lines[0],
+        "535-5.7.8 Username and Password not accepted. For more information, go to"
+    );
+    assert!(r.lines[1].starts_with("535 5.7.8  https://support.google.com/mail/?p=BadCredentials "));
+    // Still unauthenticated.
+    let r = c.cmd("MAIL FROM:<a@b.c>").await;
+    assert_eq!(r.code, 530);
+    assert_eq!(
+        r.lines[0],
+        "530-5.7.0 Authentication Required. For more information, go to"
+    );
+    assert_eq!(sb.control.smtp_stats().auth_failed, 1);
+}
+
+#[tokio::test]
+async fn wrong_user_and_unknown_token_are_refused_even_in_two_steps() {
+    let sb = sandbox().await;
+    let token = access_token(&sb).await;
+    let mut c = connect_tls(&sb).await;
+    // Two-step form, wrong user: 334 "" then 334 <json> then 535 after anything.
+    let r = c.cmd("AUTH XOAUTH2").await;
+    assert_eq!(r.lines, vec!["334 ".to_string()]);
+    let r = c.cmd(&xoauth2("other@sandbox.test", &token)).await;
+    assert_eq!(r.code, 334);
+    let r = c.cmd("not-empty").await;
+    assert_eq!(r.code, 535);
+    // Unknown token.
+    let r = c
+        .cmd(&format!(
+            "AUTH XOAUTH2 {}",
+            xoauth2(&sb.username, "ya29.forged")
+        ))
+        .await;
+    assert_eq!(r.code, 334);
+    assert_eq!(c.cmd("").await.code, 535);
+    // The real one, two steps.
+    assert_eq!(c.cmd("AUTH XOAUTH2").await.code, 334);
+    let r = c.cmd(&xoauth2(&sb.username, &token)).await;
+    assert_eq!(r.text(), "235 2.7.0 Accepted");
+    let stats = sb.control.smtp_stats();
+    assert_eq!((stats.auth_ok, stats.auth_failed), (1, 2));
+}
+
+#[tokio::test]
+async fn mail_and_auth_before_starttls_get_530() {
+    let sb = sandbox().await;
+    let mut c = connect(&sb).await;
+    assert_eq!(c.cmd("EHLO client.example").await.code, 250);
+    let r = c.cmd("MAIL FROM:<a@example.org>").await;
+    assert!(
+        r.text()
+            .starts_with("530 5.7.0 Must issue a STARTTLS command first. "),
+        "{r:?}"
+    );
+    let r = c.cmd("AUTH XOAUTH2 dXNlcj0BAQ==").await;
+    assert_eq!(r.code, 530);
+    let r = c.cmd("FOO").await;
+    assert!(r.text().starts_with("502 5.5.1 Unrecognized command. "));
+}
+
+#[tokio::test]
+async fn pipelined_commands_get_all_replies_in_order() {
+    let sb = sandbox().await;
+    let mut c = authed(&sb).await;
+    c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n")
+        .await;
+    let codes = [
+        c.read().await.code,
+        c.read().await.code,
+        c.read().await.code,
+        c.read().await.code,
+    ];
+    assert_eq!(codes, [250, 250, 250, 354]);
+    // Content, the end, and the next transaction in one write.
+    c.send(b"x\r\n.\r\nRSET\r\nNOOP\r\n").await;
+    assert!(c.read().await.text().starts_with("250 2.0.0 OK  "));
+    assert!(c.read().await.text().starts_with("250 2.1.5 Flushed "));
+    assert!(c.read().await.text().starts_with("250 2.0.0 OK "));
+    let msgs = sb.control.messages();
+    assert_eq!(msgs[0].rcpt_to.len(), 2);
+    assert_eq!(msgs[0].data, b"x\r\n");
+}
+
+#[tokio::test]
+async fn pipelining_after_starttls_is_refused() {
+    let sb = sandbox().await;
+    let mut c = connect(&sb).await;
+    c.cmd("EHLO x").await;
+    c.send(b"STARTTLS\r\nEHLO x\r\n").await;
+    let r = c.read().await;
+    assert_eq!(r.code, 454);
+    assert!(c.try_read().await.is_none());
+}
+
+#[tokio::test]
+async fn refused_and_too_many_recipients() {
+    let sb = sandbox().await;
+    sb.control
+        .refuse_recipient("Nobody@Example.com", gmail_no_such_user());
+    let mut c = authed(&sb).await;
+    c.cmd("MAIL FROM:<a@example.org>").await;
+    let r = c.cmd("RCPT TO:<nobody@example.com>").await;
+    assert_eq!(r.code, 550);
+    assert!(r.lines[0].starts_with("550-5.1.1 The email account that you tried to reach"));
+    // DATA with no accepted recipient.
+    let r = c.cmd("DATA").await;
+    assert!(r.text().starts_with("503 5.5.1 RCPT first. "), "{r:?}");
+    for i in 0..GMAIL_MAX_RECIPIENTS {
+        assert_eq!(
+            c.cmd(&format!("RCPT TO:<r{i}@example.com>")).await.code,
+            250
+        );
+    }
+    let r = c.cmd("RCPT TO:<one-too-many@example.com>").await;
+    assert_eq!(r.code, 452);
+    assert!(r.lines[0].starts_with("452-4.5.3 Your message has too many recipients."));
+}
+
+#[tokio::test]
+async fn size_limit_at_mail_and_in_data() {
+    let sb = sandbox().await;
+    let mut c = authed(&sb).await;
+    let r = c
+        .cmd(&format!(
+            "MAIL FROM:<a@example.org> SIZE={}",
+            GMAIL_MAX_MESSAGE_SIZE + 1
+        ))
+        .await;
+    assert_eq!(r.code, 552);
+    assert!(r.lines[0].starts_with("552-5.3.4 Your message exceeded Google's message size limits."));
+    c.cmd("MAIL FROM:<a@example.org>").await;
+    c.cmd("RCPT TO:<b@example.com>").await;
+    assert_eq!(c.cmd("DATA").await.code, 354);
+    let line = vec![b'a'; 1022];
+    let mut chunk = Vec::new();
+    while chunk.len() < 1 << 20 {
+        chunk.extend_from_slice(&line);
+        chunk.extend_from_slice(b"\r\n");
+    }
+    for _ in 0..35 {
+        c.send(&chunk).await;
+    }
+    c.send(b".\r\n").await;
+    assert_eq!(c.read().await.code, 552);
+    // The connection is still usable.
+    assert_eq!(c.cmd("NOOP").await.code, 250);
+    assert!(sb.control.messages().is_empty());
+}
+
+#[tokio::test]
+async fn bdat_chunks_are_joined() {
+    let sb = sandbox().await;
+    let mut c = authed(&sb).await;
+    c.cmd("MAIL FROM:<a@example.org> SMTPUTF8").await;
+    c.cmd("RCPT TO:<b@example.com>").await;
+    c.send(b"BDAT 5\r\nHello").await;
+    assert_eq!(c.read().await.code, 250);
+    c.send(b"BDAT 8 LAST\r\n, world\n").await;
+    assert!(c.read().await.text().starts_with("250 2.0.0 OK  "));
+    let m = &sb.control.messages()[0];
+    assert_eq!(m.data, b"Hello, world\n");
+    assert!(m.smtputf8);
+}
+
+#[tokio::test]
+async fn close_after_messages_answers_421_and_closes() {
+    let sb = sandbox().await;
+    sb.control.close_after_messages(Some(1));
+    let mut c = authed(&sb).await;
+    c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        .await;
+    for _ in 0..3 {
+        c.read().await;
+    }
+    c.send(b"m\r\n.\r\n").await;
+    assert_eq!(c.read().await.code, 250);
+    let r = c.cmd("MAIL FROM:<a@example.org>").await;
+    assert!(r
+        .text()
+        .starts_with("421 4.7.0 Try again later, closing connection."));
+    assert!(c.try_read().await.is_none());
+}
+
+#[tokio::test]
+async fn close_idle_connections_spares_transactions() {
+    let sb = sandbox().await;
+    let mut idle = authed(&sb).await;
+    let mut busy = authed(&sb).await;
+    busy.cmd("MAIL FROM:<a@example.org>").await;
+    assert_eq!(sb.control.smtp_stats().connections_open, 2);
+    sb.control.close_idle_connections();
+    // The idle one is closed without a reply.
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.try_read())
+        .await
+        .unwrap();
+    assert!(closed.is_none());
+    assert_eq!(busy.cmd("RCPT TO:<b@example.com>").await.code, 250);
+    let stats = sb.control.smtp_stats();
+    assert_eq!(stats.connections_open, 1);
+    assert_eq!(stats.max_concurrent, 2);
+}
+
+#[tokio::test]
+async fn idle_timeout_says_451_and_closes() {
+    let sb = sandbox().await;
+    sb.control.set_idle_timeout(Duration::from_millis(200));
+    let mut c = connect(&sb).await;
+    let r = c.read().await;
+    assert!(r
+        .text()
+        .starts_with("451 4.4.2 Timeout - closing connection. "));
+    assert!(c.try_read().await.is_none());
+}
+
+#[tokio::test]
+async fn message_dir_gets_eml_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = Sandbox::start(SandboxOptions {
+        message_dir: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut c = authed(&sb).await;
+    c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        .await;
+    for _ in 0..3 {
+        c.read().await;
+    }
+    c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n").await;
+    assert_eq!(c.read().await.code, 250);
+    let m = &sb.control.messages()[0];
+    let path = dir.path().join(format!("{:06}-{}.eml", m.seq, m.id));
+    assert_eq!(std::fs::read(path).unwrap(), b"Subject: x\r\n\r\nbody\r\n");
+}
+
+#[tokio::test]
+async fn shutdown_closes_connections() {
+    let sb = sandbox().await;
+    let mut c = connect(&sb).await;
+    sb.shutdown();
+    let r = tokio::time::timeout(Duration::from_secs(5), c.try_read())
+        .await
+        .unwrap();
+    assert!(r.is_none());
+}
+
+// ---------------------------------------------------------------------------------------
+// Token endpoint
+
+async fn json_of(resp: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn token_refresh_with_form_credentials() {
+    let sb = sandbox().await;
+    let resp = reqwest::Client::new()
+        .post(&sb.token_url)
+        .form(&[
+            ("client_id", sb.client_id.as_str()),
+            ("client_secret", sb.client_secret.as_str()),
+            ("grant_type", "refresh_token"),
+            ("refresh_token", sb.refresh_token.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let (status, json) = json_of(resp).await;
+    assert_eq!(status, 200);
+    assert!(json["access_token"].as_str().unwrap().starts_with("ya29."));
+    assert_eq!(json["expires_in"], 3599);
+    assert_eq!(json["scope"], "https://mail.google.com/");
+    assert_eq!(json["token_type"], "Bearer");
+    assert!(json.get("refresh_token").is_none());
+    assert_eq!(sb.control.token_stats().tokens_issued, 1);
+}
+
+#[tokio::test]
+async fn token_invalid_grant_after_revoke_and_new_token_works() {
+    let sb = sandbox().await;
+    sb.control.revoke_refresh_tokens();
+    let (status, json) = json_of(refresh(&sb, &sb.refresh_token).await).await;
+    assert_eq!(status, 400);
+    assert_eq!(json["error"], "invalid_grant");
+    assert_eq!(
+        json["error_description"],
+        "Token has been expired or revoked."
+    );
+    let fresh = sb.control.issue_refresh_token();
+    assert_eq!(sb.control.current_refresh_token(), fresh);
+    assert_eq!(refresh(&sb, &fresh).await.status(), 200);
+    assert_eq!(sb.control.token_stats().invalid_grant, 1);
+}
+
+#[tokio::test]
+async fn token_rotation_invalidates_the_old_refresh_token() {
+    let sb = Sandbox::start(SandboxOptions {
+        rotate_refresh_tokens: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (status, json) = json_of(refresh(&sb, &sb.refresh_token).await).await;
+    assert_eq!(status, 200);
+    let new = json["refresh_token"].as_str().unwrap().to_string();
+    assert_ne!(new, sb.refresh_token);
+    assert_eq!(sb.control.current_refresh_token(), new);
+    let (status, json) = json_of(refresh(&sb, &sb.refresh_token).await).await;
+    assert_eq!(
+        (status, json["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    assert_eq!(refresh(&sb, &new).await.status(), 200);
+}
+
+#[tokio::test]
+async fn token_injected_failures_then_recovery() {
+    let sb = sandbox().await;
+    sb.control.fail_next_token_requests(2, 503);
+    for _ in 0..2 {
+        let resp = refresh(&sb, &sb.refresh_token).await;
+        assert_eq!(resp.status(), 503);
+        assert!(resp.text().await.unwrap().contains("Error 503"));
+    }
+    assert_eq!(refresh(&sb, &sb.refresh_token).await.status(), 200);
+    let stats = sb.control.token_stats();
+    assert_eq!(
+        (
+            stats.refresh_requests,
+            stats.failures_injected,
+            stats.tokens_issued
+        ),
+        (3, 2, 1)
+    );
+}
+
+#[tokio::test]
+async fn token_client_and_request_errors() {
+    let sb = sandbox().await;
+    let http = reqwest::Client::new();
+    let post = |form: Vec<(&'static str, String)>| http.post(&sb.token_url).form(&form).send();
+
+    let rt = sb.refresh_token.clone();
+    let (status, json) = json_of(
+        http.post(&sb.token_url)
+            .basic_auth(&sb.client_id, Some("wrong"))
+            .form(&[("grant_type", "refresh_token"), ("refresh_token", &rt)])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(json["error"], "invalid_client");
+    assert_eq!(json["error_description"], "Unauthorized");
+
+    let (status, json) = json_of(
+        post(vec![
+            ("client_id", "nope.apps.googleusercontent.com".into()),
+            ("client_secret", "x".into()),
+            ("grant_type", "refresh_token".into()),
+            ("refresh_token", rt.clone()),
+        ])
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, json["error"].as_str()),
+        (401, Some("invalid_client"))
+    );
+    assert_eq!(json["error_description"], "The OAuth client was not found.");
+
+    let (status, json) = json_of(
+        post(vec![
+            ("grant_type", "refresh_token".into()),
+            ("refresh_token", rt),
+        ])
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, json["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+
+    let creds = |extra: Vec<(&'static str, String)>| {
+        let mut v = vec![
+            ("client_id", sb.client_id.clone()),
+            ("client_secret", sb.client_secret.clone()),
+        ];
+        v.extend(extra);
+        v
+    };
+    let (status, json) = json_of(
+        post(creds(vec![("grant_type", "refresh_token".into())]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, json["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    let (status, json) = json_of(
+        post(creds(vec![("grant_type", "password".into())]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, json["error"].as_str()),
+        (400, Some("unsupported_grant_type"))
+    );
+}
+
+#[test]
+fn percent_and_basic_decoding() {
+    assert_eq!(token::percent_decode("a%2Bb+c%3D"), "a+b c=");
+    assert_eq!(token::percent_decode("100%"), "100%");
+    let header = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("id%3A1:s%2Fx")
+    );
+    assert_eq!(
+        token::parse_basic(&header),
+        Some(("id:1".to_string(), "s/x".to_string()))
+    );
+}
