@@ -463,7 +463,7 @@ impl Session {
                     self.reply(out, reply);
                 } else {
                     self.state = State::Data {
-                        receiver: DataReceiver::new(),
+                        receiver: data_receiver(),
                         buf: Vec::with_capacity(4096),
                     };
                     self.reply(
@@ -801,6 +801,17 @@ impl Session {
             }
         }
     }
+}
+
+/// A `DataReceiver` positioned at the start of a line. `DataReceiver::new()` does not
+/// treat the very first byte as a line start, so an empty message (`.` right after 354)
+/// or a dot-stuffed first line would be misread; feeding it the CRLF that ended the
+/// DATA command fixes that.
+fn data_receiver() -> DataReceiver {
+    let mut receiver = DataReceiver::new();
+    let mut scratch = Vec::new();
+    receiver.ingest(&mut b"\r\n".iter(), &mut scratch);
+    receiver
 }
 
 /// `535 5.7.8`, Gmail's multi-line reply to bad credentials.

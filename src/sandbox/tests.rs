@@ -289,6 +289,24 @@ async fn pipelined_commands_get_all_replies_in_order() {
 }
 
 #[tokio::test]
+async fn empty_message_and_dot_stuffed_first_line() {
+    let sb = sandbox().await;
+    let mut c = authed(&sb).await;
+    for content in [&b".\r\n"[..], b"..first\r\n.\r\n"] {
+        c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+            .await;
+        for _ in 0..3 {
+            c.read().await;
+        }
+        c.send(content).await;
+        assert_eq!(c.read().await.code, 250);
+    }
+    let msgs = sb.control.messages();
+    assert_eq!(msgs[0].data, b"");
+    assert_eq!(msgs[1].data, b".first\r\n");
+}
+
+#[tokio::test]
 async fn pipelining_after_starttls_is_refused() {
     let sb = sandbox().await;
     let mut c = connect(&sb).await;
