@@ -655,3 +655,83 @@ fn percent_and_basic_decoding() {
         Some(("id:1".to_string(), "s/x".to_string()))
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Interop with the crates the relay uses upstream: mail-send and oauth2.
+
+#[tokio::test]
+async fn mail_send_client_and_oauth2_crate_interoperate() {
+    use oauth2::basic::BasicClient;
+    use oauth2::{ClientId, ClientSecret, RefreshToken, TokenResponse, TokenUrl};
+
+    let sb = sandbox().await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let client = BasicClient::new(ClientId::new(sb.client_id.clone()))
+        .set_client_secret(ClientSecret::new(sb.client_secret.clone()))
+        .set_token_uri(TokenUrl::new(sb.token_url.clone()).unwrap());
+    let token = client
+        .exchange_refresh_token(&RefreshToken::new(sb.refresh_token.clone()))
+        .request_async(&http)
+        .await
+        .unwrap();
+    assert_eq!(token.expires_in(), Some(Duration::from_secs(3599)));
+    assert!(token.refresh_token().is_none());
+
+    let connector = TlsConnector::from(sb.client_tls_config());
+    let mut smtp = mail_send::SmtpClientBuilder::new_with_tls_connector(
+        "127.0.0.1".to_string(),
+        sb.smtp_addr.port(),
+        connector,
+    )
+    .implicit_tls(false)
+    .timeout(Duration::from_secs(10))
+    .connect()
+    .await
+    .unwrap();
+    let access = token.access_token().secret();
+    let r = smtp
+        .cmd(format!(
+            "AUTH XOAUTH2 {}\r\n",
+            xoauth2(&sb.username, access)
+        ))
+        .await
+        .unwrap();
+    assert_eq!((r.code, r.esc), (235, [2, 7, 0]));
+    let r = smtp
+        .send(mail_send::smtp::message::Message::new(
+            "app@example.org",
+            ["to@example.com"],
+            &b"Subject: s\r\n\r\nbody\r\n"[..],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.code, 250);
+    // mail-send appends CRLF.CRLF itself: the body gains one CRLF (see CRATES.md).
+    assert_eq!(
+        sb.control.messages()[0].data,
+        b"Subject: s\r\n\r\nbody\r\n\r\n"
+    );
+
+    sb.control.revoke_refresh_tokens();
+    let err = client
+        .exchange_refresh_token(&RefreshToken::new(sb.refresh_token.clone()))
+        .request_async(&http)
+        .await
+        .unwrap_err();
+    match err {
+        oauth2::RequestTokenError::ServerResponse(e) => {
+            assert_eq!(
+                e.error(),
+                &oauth2::basic::BasicErrorResponseType::InvalidGrant
+            );
+            assert_eq!(
+                e.error_description().map(String::as_str),
+                Some("Token has been expired or revoked.")
+            );
+        }
+        other => panic!("expected invalid_grant, got {other:?}"),
+    }
+}
