@@ -735,3 +735,34 @@ async fn mail_send_client_and_oauth2_crate_interoperate() {
         other => panic!("expected invalid_grant, got {other:?}"),
     }
 }
+
+/// Not a benchmark, a guard: the relay's throughput benchmark runs against this fake, so
+/// a few thousand pipelined messages over four connections must take well under seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_pipelined_messages_are_fast() {
+    let sb = sandbox().await;
+    sb.control.set_keep_messages(false);
+    let per_conn = 500;
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut c = authed(&sb).await;
+        tasks.push(tokio::spawn(async move {
+            let msg = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nSubject: x\r\n\r\nhello\r\n.\r\n";
+            for _ in 0..per_conn {
+                c.send(msg).await;
+                for _ in 0..4 {
+                    assert!(c.read().await.code < 400);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(sb.control.smtp_stats().messages, 4 * per_conn);
+    assert!(sb.control.messages().is_empty());
+    eprintln!("{} messages in {elapsed:?}", 4 * per_conn);
+    assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
+}
