@@ -139,6 +139,7 @@ impl Sandbox {
                 close_after_messages: None,
             }),
             idle_timeout_ms: AtomicU64::new(DEFAULT_IDLE_TIMEOUT.as_millis() as u64),
+            idle_timeout_changed: Notify::new(),
             messages: Mutex::new(Vec::new()),
             keep_messages: AtomicBool::new(true),
             message_notify: Notify::new(),
@@ -357,10 +358,13 @@ impl SandboxControl {
     }
 
     /// Silence after which the server says `451 4.4.2 Timeout - closing connection.` and
-    /// closes (Gmail's text). Default 300 s. Applies from each connection's next read.
+    /// closes (Gmail's text). Default 300 s. Applies at once to open connections, counted
+    /// from their last read. Tests that pause tokio's clock and let it auto-advance should
+    /// raise it (e.g. `Duration::MAX`), or idle pooled connections get closed.
     pub fn set_idle_timeout(&self, d: Duration) {
         let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         self.shared.idle_timeout_ms.store(ms, Ordering::Relaxed);
+        self.shared.idle_timeout_changed.notify_waiters();
     }
 }
 
@@ -399,6 +403,8 @@ pub(crate) struct Shared {
     pub(crate) tokens: Mutex<TokenState>,
     pub(crate) smtp: Mutex<SmtpSettings>,
     pub(crate) idle_timeout_ms: AtomicU64,
+    /// Wakes waiting connections so a new idle timeout applies at once.
+    pub(crate) idle_timeout_changed: Notify,
     pub(crate) messages: Mutex<Vec<ReceivedMessage>>,
     pub(crate) keep_messages: AtomicBool,
     pub(crate) message_notify: Notify,

@@ -22,6 +22,7 @@ use smtp_proto::{Error as ProtoError, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use super::{lock, random_string, ReceivedMessage, Shared};
@@ -226,9 +227,15 @@ impl Session {
     {
         let mut rbuf = vec![0u8; READ_BUFFER];
         let mut out = Vec::with_capacity(1024);
-        let cancel = self.shared.cancel.clone();
+        let shared = self.shared.clone();
+        let cancel = shared.cancel.clone();
+        let mut last_activity = Instant::now();
         loop {
-            let idle = self.shared.idle_timeout();
+            // Enabled before reading the timeout, so a change in between is not missed.
+            let idle_changed = shared.idle_timeout_changed.notified();
+            tokio::pin!(idle_changed);
+            idle_changed.as_mut().enable();
+            let deadline = last_activity + shared.idle_timeout();
             let n = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Outcome::Abort,
@@ -238,11 +245,12 @@ impl Session {
                     }
                     continue;
                 }
+                _ = &mut idle_changed => continue,
                 r = io.read(&mut rbuf) => match r {
                     Ok(0) | Err(_) => return Outcome::Abort,
                     Ok(n) => n,
                 },
-                _ = tokio::time::sleep(idle) => {
+                _ = tokio::time::sleep_until(deadline) => {
                     let reply = Reply::new(
                         451,
                         [4, 4, 2],
@@ -253,6 +261,7 @@ impl Session {
                     return Outcome::Close;
                 }
             };
+            last_activity = Instant::now();
             let outcome = self.ingest(&rbuf[..n], &mut out).await;
             if !out.is_empty() {
                 if io.write_all(&out).await.is_err() || io.flush().await.is_err() {

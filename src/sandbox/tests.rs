@@ -428,13 +428,43 @@ async fn close_idle_connections_spares_transactions() {
 #[tokio::test]
 async fn idle_timeout_says_451_and_closes() {
     let sb = sandbox().await;
-    sb.control.set_idle_timeout(Duration::from_millis(200));
     let mut c = connect(&sb).await;
+    // Applies to connections already waiting.
+    sb.control.set_idle_timeout(Duration::from_millis(200));
     let r = c.read().await;
     assert!(r
         .text()
         .starts_with("451 4.4.2 Timeout - closing connection. "));
     assert!(c.try_read().await.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_timeout_follows_the_paused_clock() {
+    let sb = sandbox().await;
+    let mut c = authed(&sb).await;
+    let start = tokio::time::Instant::now();
+    // 300 s of (auto-advanced) silence, then Gmail's 451.
+    let r = tokio::time::timeout(Duration::from_secs(400), c.try_read())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.code, 451);
+    assert!(start.elapsed() >= DEFAULT_IDLE_TIMEOUT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn access_tokens_expire_on_the_sandbox_clock() {
+    let sb = sandbox().await;
+    sb.control.set_idle_timeout(Duration::MAX);
+    let token = access_token(&sb).await;
+    let auth = format!("AUTH XOAUTH2 {}", xoauth2(&sb.username, &token));
+    tokio::time::advance(Duration::from_secs(3598)).await;
+    let mut c = connect_tls(&sb).await;
+    assert_eq!(c.cmd(&auth).await.code, 235);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let mut c = connect_tls(&sb).await;
+    assert_eq!(c.cmd(&auth).await.code, 334);
+    assert_eq!(c.cmd("").await.code, 535);
 }
 
 #[tokio::test]
