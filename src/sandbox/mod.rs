@@ -137,6 +137,7 @@ impl Sandbox {
             smtp: Mutex::new(SmtpSettings {
                 refused: HashMap::new(),
                 close_after_messages: None,
+                injected: Vec::new(),
             }),
             idle_timeout_ms: AtomicU64::new(DEFAULT_IDLE_TIMEOUT.as_millis() as u64),
             idle_timeout_changed: Notify::new(),
@@ -348,6 +349,18 @@ impl SandboxControl {
         lock(&self.shared.smtp).close_after_messages = n;
     }
 
+    /// The next `verb` command, on any connection, gets `reply` instead of being processed
+    /// (one shot; call again to queue more). `verb` is `"EHLO"`, `"AUTH"`, `"MAIL"`,
+    /// `"RCPT"`, `"DATA"` (the command, before 354), `"BDAT"`, `"RSET"`, `"NOOP"`, … or
+    /// `"DATA-END"`: the reply after the final dot, the message then not being accepted.
+    /// A 421 reply also closes the connection. E.g. `451 4.3.0 Mail server temporarily
+    /// rejected message.` at DATA-END, or [`gmail_daily_quota_exceeded`] at MAIL.
+    pub fn inject_reply(&self, verb: &str, reply: Reply) {
+        lock(&self.shared.smtp)
+            .injected
+            .push((verb.to_ascii_uppercase(), reply));
+    }
+
     /// Closes at once, without a reply, every connection that is between transactions
     /// (no MAIL pending, not in DATA or an AUTH exchange) — as a NAT timeout or Gmail's
     /// silent drop would. Connections inside a transaction are left alone.
@@ -455,6 +468,18 @@ pub(crate) struct SmtpSettings {
     /// Lower-cased address -> reply to its RCPT.
     pub(crate) refused: HashMap<String, Reply>,
     pub(crate) close_after_messages: Option<u32>,
+    /// One-shot replies by verb (`"MAIL"`, …, `"DATA-END"`), oldest first.
+    pub(crate) injected: Vec<(String, Reply)>,
+}
+
+impl SmtpSettings {
+    pub(crate) fn take_injected(&mut self, verb: &str) -> Option<Reply> {
+        if self.injected.is_empty() {
+            return None;
+        }
+        let i = self.injected.iter().position(|(v, _)| v == verb)?;
+        Some(self.injected.remove(i).1)
+    }
 }
 
 /// Verbs counted separately in [`SmtpStats::commands`]; the last slot is "OTHER".

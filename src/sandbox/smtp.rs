@@ -305,7 +305,10 @@ impl Session {
                     if done {
                         let data = std::mem::take(buf);
                         self.state = State::Command;
-                        self.finish_message(data, out).await;
+                        let outcome = self.finish_message(data, out).await;
+                        if outcome != Outcome::Continue {
+                            return outcome;
+                        }
                     } else if buf.len() > GMAIL_MAX_MESSAGE_SIZE {
                         let discard = DummyDataReceiver::new_data(receiver);
                         self.state = State::DataTooBig(discard);
@@ -336,7 +339,10 @@ impl Session {
                         self.reply(out, size_exceeded(&self.sid));
                     } else if last {
                         let data = std::mem::take(&mut tx.data);
-                        self.finish_message(data, out).await;
+                        let outcome = self.finish_message(data, out).await;
+                        if outcome != Outcome::Continue {
+                            return outcome;
+                        }
                     } else {
                         let n = tx.data.len();
                         self.reply(
@@ -418,7 +424,10 @@ impl Session {
 
         // Gmail ends long-lived connections: after N messages, the next command gets 421.
         if !matches!(request, Request::Quit) {
-            let limit = lock(&self.shared.smtp).close_after_messages;
+            let (limit, injected) = {
+                let mut settings = lock(&self.shared.smtp);
+                (settings.close_after_messages, settings.take_injected(verb))
+            };
             if limit.is_some_and(|n| self.messages >= n) {
                 let reply = self.r(
                     421,
@@ -427,6 +436,9 @@ impl Session {
                 );
                 self.reply(out, reply);
                 return Outcome::Close;
+            }
+            if let Some(reply) = injected {
+                return self.injected_reply(request, reply, out);
             }
         }
 
@@ -529,6 +541,28 @@ impl Session {
             }
         }
         Outcome::Continue
+    }
+
+    /// Answers `request` with a reply injected by `SandboxControl::inject_reply` instead
+    /// of processing it. A BDAT chunk is still read (and dropped); 421 closes.
+    fn injected_reply(
+        &mut self,
+        request: Request<String>,
+        reply: Reply,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        if let Request::Bdat { chunk_size, .. } = request {
+            self.tx = None;
+            self.state = State::BdatDiscard(DummyDataReceiver::new_bdat(chunk_size), reply);
+            return Outcome::Continue;
+        }
+        let close = reply.code == 421;
+        self.reply(out, reply);
+        if close {
+            Outcome::Close
+        } else {
+            Outcome::Continue
+        }
     }
 
     fn ehlo_reply(&self) -> Reply {
@@ -648,8 +682,20 @@ impl Session {
         self.reply(out, self.r(250, [2, 1, 5], "OK"));
     }
 
-    async fn finish_message(&mut self, data: Vec<u8>, out: &mut Vec<u8>) {
-        let Some(tx) = self.tx.take() else { return };
+    async fn finish_message(&mut self, data: Vec<u8>, out: &mut Vec<u8>) -> Outcome {
+        let Some(tx) = self.tx.take() else {
+            return Outcome::Continue;
+        };
+        let injected = lock(&self.shared.smtp).take_injected("DATA-END");
+        if let Some(reply) = injected {
+            let close = reply.code == 421;
+            self.reply(out, reply);
+            return if close {
+                Outcome::Close
+            } else {
+                Outcome::Continue
+            };
+        }
         let shared = &self.shared;
         let seq = shared.message_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let id = random_string(16).to_ascii_lowercase();
@@ -662,7 +708,7 @@ impl Session {
                     out,
                     self.r(451, [4, 3, 0], "Mail server temporarily rejected message."),
                 );
-                return;
+                return Outcome::Continue;
             }
             tracing::info!(
                 %id,
@@ -691,6 +737,7 @@ impl Session {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.reply(out, self.r(250, [2, 0, 0], &format!("OK  {ts}")));
+        Outcome::Continue
     }
 
     fn auth(&mut self, mechanism: u64, initial: String, out: &mut Vec<u8>) {

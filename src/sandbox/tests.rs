@@ -407,6 +407,40 @@ async fn close_after_messages_answers_421_and_closes() {
 }
 
 #[tokio::test]
+async fn injected_replies_are_one_shot() {
+    let sb = sandbox().await;
+    sb.control
+        .inject_reply("MAIL", gmail_daily_quota_exceeded());
+    sb.control.inject_reply(
+        "DATA-END",
+        Reply::new(451, [4, 3, 0], "Mail server temporarily rejected message."),
+    );
+    let mut c = authed(&sb).await;
+    let r = c.cmd("MAIL FROM:<a@example.org>").await;
+    assert!(r.lines[0].starts_with("550-5.4.5 Daily user sending limit exceeded."));
+    assert_eq!(c.cmd("MAIL FROM:<a@example.org>").await.code, 250);
+    c.cmd("RCPT TO:<b@example.com>").await;
+    assert_eq!(c.cmd("DATA").await.code, 354);
+    c.send(b"x\r\n.\r\n").await;
+    assert_eq!(c.read().await.code, 451);
+    assert!(sb.control.messages().is_empty());
+    // The transaction is over; the next one goes through.
+    c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        .await;
+    for _ in 0..3 {
+        c.read().await;
+    }
+    c.send(b"x\r\n.\r\n").await;
+    assert_eq!(c.read().await.code, 250);
+    sb.control.inject_reply(
+        "NOOP",
+        Reply::new(421, [4, 7, 0], "Temporary System Problem. Try again later."),
+    );
+    assert_eq!(c.cmd("NOOP").await.code, 421);
+    assert!(c.try_read().await.is_none());
+}
+
+#[tokio::test]
 async fn close_idle_connections_spares_transactions() {
     let sb = sandbox().await;
     let mut idle = authed(&sb).await;
