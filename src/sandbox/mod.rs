@@ -9,6 +9,14 @@
 //! token endpoint outages, refused recipients, connections closed after N messages or when
 //! idle. A fake kinder than Gmail hides bugs, so this one is not kinder.
 //!
+//! ```ignore
+//! let sb = Sandbox::start(SandboxOptions::default()).await?;
+//! // point the relay at sb.smtp_addr (STARTTLS, trust sb.ca_pem, name sb.tls_server_name)
+//! // and at sb.token_url with sb.client_id / sb.client_secret / sb.refresh_token, then:
+//! let msgs = sb.control.wait_for_messages(1, Duration::from_secs(5)).await;
+//! sb.control.revoke_refresh_tokens(); // next refresh: 400 invalid_grant
+//! ```
+//!
 //! Files: `ca.rs` (generated CA and server certificate), `smtp.rs` (fake Gmail),
 //! `token.rs` (fake token endpoint); this file holds the options, the shared state and the
 //! control handle.
@@ -173,6 +181,25 @@ impl Sandbox {
     /// Stops both servers and closes every open SMTP connection (without a reply).
     pub fn shutdown(&self) {
         self.control.shared.cancel.cancel();
+    }
+
+    /// The OAuth client as Google's console downloads it (`client_secret_*.json`, the
+    /// `installed` shape), pointing at the sandbox token endpoint. The `auth_uri` is not
+    /// served (there is no consent screen); use [`SandboxControl::issue_refresh_token`].
+    pub fn client_secret_json(&self) -> String {
+        let base = self.token_url.trim_end_matches("/token");
+        let json = serde_json::json!({
+            "installed": {
+                "client_id": self.client_id,
+                "project_id": "smtp-oauth-relay-sandbox",
+                "auth_uri": format!("{base}/auth"),
+                "token_uri": self.token_url,
+                "auth_provider_x509_cert_url": "https://www.googleapis.com/oauth2/v1/certs",
+                "client_secret": self.client_secret,
+                "redirect_uris": ["http://localhost"],
+            }
+        });
+        serde_json::to_string_pretty(&json).unwrap_or_default()
     }
 
     /// A rustls client configuration that trusts only the sandbox CA (for tests and the

@@ -706,6 +706,16 @@ async fn token_client_and_request_errors() {
     );
 }
 
+#[tokio::test]
+async fn client_secret_json_has_the_console_shape() {
+    let sb = sandbox().await;
+    let json: serde_json::Value = serde_json::from_str(&sb.client_secret_json()).unwrap();
+    let installed = &json["installed"];
+    assert_eq!(installed["client_id"], sb.client_id.as_str());
+    assert_eq!(installed["client_secret"], sb.client_secret.as_str());
+    assert_eq!(installed["token_uri"], sb.token_url.as_str());
+}
+
 #[test]
 fn percent_and_basic_decoding() {
     assert_eq!(token::percent_decode("a%2Bb+c%3D"), "a+b c=");
