@@ -302,7 +302,11 @@ impl Session {
                 }
                 State::Data { receiver, buf } => {
                     let done = receiver.ingest(&mut iter, buf);
-                    if done {
+                    if done && buf.len() > GMAIL_MAX_MESSAGE_SIZE {
+                        self.state = State::Command;
+                        self.tx = None;
+                        self.reply(out, size_exceeded(&self.sid));
+                    } else if done {
                         let data = std::mem::take(buf);
                         self.state = State::Command;
                         let outcome = self.finish_message(data, out).await;

@@ -369,6 +369,14 @@ async fn size_limit_at_mail_and_in_data() {
     assert_eq!(c.read().await.code, 552);
     // The connection is still usable.
     assert_eq!(c.cmd("NOOP").await.code, 250);
+    // One byte over the limit, arriving in the same read as the final dot.
+    c.cmd("MAIL FROM:<a@example.org>").await;
+    c.cmd("RCPT TO:<b@example.com>").await;
+    assert_eq!(c.cmd("DATA").await.code, 354);
+    let mut big = vec![b'b'; GMAIL_MAX_MESSAGE_SIZE - 1];
+    big.extend_from_slice(b"\r\n.\r\n");
+    c.send(&big).await;
+    assert_eq!(c.read().await.code, 552);
     assert!(sb.control.messages().is_empty());
 }
 
