@@ -249,6 +249,39 @@ async fn wrong_user_and_unknown_token_are_refused_even_in_two_steps() {
 }
 
 #[tokio::test]
+async fn oauthbearer_works_and_plain_is_refused() {
+    let sb = sandbox().await;
+    let token = access_token(&sb).await;
+    let mut c = connect_tls(&sb).await;
+    let r = c
+        .cmd("AUTH PLAIN AHJlbGF5QHNhbmRib3gudGVzdABwYXNzd29yZA==")
+        .await;
+    assert_eq!(r.code, 535);
+    let payload = base64::engine::general_purpose::STANDARD.encode(format!(
+        "n,a={},\x01host=localhost\x01port=587\x01auth=Bearer {token}\x01\x01",
+        sb.username
+    ));
+    let r = c.cmd(&format!("AUTH OAUTHBEARER {payload}")).await;
+    assert_eq!(r.text(), "235 2.7.0 Accepted");
+    assert_eq!(c.cmd("AUTH XOAUTH2").await.code, 503);
+}
+
+#[tokio::test]
+async fn helo_is_accepted_and_empty_ehlo_closes() {
+    let sb = sandbox().await;
+    let mut c = connect(&sb).await;
+    assert_eq!(
+        c.cmd("HELO client.example").await.text(),
+        "250 smtp.gmail.com at your service"
+    );
+    let r = c.cmd("EHLO").await;
+    assert!(r
+        .text()
+        .starts_with("501 5.5.4 Empty HELO/EHLO argument not allowed"));
+    assert!(c.try_read().await.is_none());
+}
+
+#[tokio::test]
 async fn mail_and_auth_before_starttls_get_530() {
     let sb = sandbox().await;
     let mut c = connect(&sb).await;
