@@ -433,7 +433,10 @@ impl Connection {
                 ),
             ));
         }
-        let bad = |a: &str| a.bytes().any(|b| matches!(b, b'\r' | b'\n' | b'\0' | b'<' | b'>'));
+        let bad = |a: &str| {
+            a.bytes()
+                .any(|b| matches!(b, b'\r' | b'\n' | b'\0' | b'<' | b'>'))
+        };
         if bad(&envelope.sender) {
             return Err(reject(
                 Stage::Mail,
@@ -521,8 +524,15 @@ impl Connection {
             }
             out.extend_from_slice(b"DATA\r\n");
         }
-        self.wire.write(&out, Stage::Mail).await.map_err(before_mail)?;
-        let mail = self.wire.read_reply(Stage::Mail).await.map_err(before_mail)?;
+        self.wire
+            .write(&out, Stage::Mail)
+            .await
+            .map_err(before_mail)?;
+        let mail = self
+            .wire
+            .read_reply(Stage::Mail)
+            .await
+            .map_err(before_mail)?;
         if mail.code == 421 {
             self.broken = true;
             return Err(before_mail(self.closing(Stage::Mail, &mail)));
@@ -561,7 +571,12 @@ impl Connection {
 
         // DATA reply (pipelined: always sent; otherwise only if someone was accepted).
         let data_reply = if pipelining {
-            Some(self.wire.read_reply(Stage::Data).await.map_err(TxError::fatal)?)
+            Some(
+                self.wire
+                    .read_reply(Stage::Data)
+                    .await
+                    .map_err(TxError::fatal)?,
+            )
         } else if any_accepted {
             Some(
                 self.wire

@@ -19,11 +19,7 @@ use std::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
-use super::{
-    conn::Connection,
-    error::UpstreamError,
-    SendReport, UpstreamSettings,
-};
+use super::{conn::Connection, error::UpstreamError, SendReport, UpstreamSettings};
 use crate::{envelope::Envelope, oauth::TokenHandle};
 
 /// Counters for logs and metrics.
@@ -99,7 +95,8 @@ pub struct UpstreamPool {
 
 impl UpstreamPool {
     pub fn new(settings: UpstreamSettings, tokens: TokenHandle) -> Self {
-        let permits = (settings.pool_size > 0).then(|| Arc::new(Semaphore::new(settings.pool_size)));
+        let permits =
+            (settings.pool_size > 0).then(|| Arc::new(Semaphore::new(settings.pool_size)));
         UpstreamPool {
             inner: Arc::new(Inner {
                 addr: settings.addr(),
@@ -120,7 +117,12 @@ impl UpstreamPool {
         let Some(permits) = &self.inner.permits else {
             return;
         };
-        if let Err(e) = self.inner.tokens.ready(self.inner.settings.connect_timeout).await {
+        if let Err(e) = self
+            .inner
+            .tokens
+            .ready(self.inner.settings.connect_timeout)
+            .await
+        {
             tracing::warn!(upstream = %self.inner.addr, error = %e, "cannot warm the upstream pool");
             return;
         }
