@@ -114,6 +114,8 @@ impl Fake {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
+                // Replies go out one small write each: Nagle + delayed ACK would add 40 ms.
+                let _ = tcp.set_nodelay(true);
                 let id = {
                     let mut s = st.lock().unwrap();
                     s.connections += 1;

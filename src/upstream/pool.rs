@@ -128,11 +128,13 @@ impl UpstreamPool {
         }
         let mut tasks = tokio::task::JoinSet::new();
         while let Ok(permit) = permits.clone().try_acquire_owned() {
-            if self.idle_len() >= self.inner.settings.pool_size {
-                break;
-            }
             let pool = self.clone();
             tasks.spawn(async move {
+                // Like a send: open only when no connection is idle, so warming twice (or
+                // while sends run) never goes past `pool_size`.
+                if pool.idle_len() > 0 {
+                    return;
+                }
                 match pool.open().await {
                     Ok(conn) => pool.check_in(conn, Some(permit)),
                     Err(e) => {

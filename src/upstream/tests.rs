@@ -308,6 +308,8 @@ async fn warm_opens_pool_size_connections() {
     pool.warm().await;
     let s = pool.stats();
     assert_eq!((s.connections_opened, s.idle), (3, 3));
+    pool.warm().await;
+    assert_eq!(pool.stats().connections_opened, 3);
     pool.send(&envelope("a@example.com", &["b@example.org"]), MSG)
         .await
         .unwrap();
@@ -638,4 +640,52 @@ async fn no_token_is_454() {
     let r = err.reply();
     assert_eq!((r.code, r.esc), (454, Some([4, 7, 0])));
     assert!(r.text.contains("no valid OAuth access token"), "{r}");
+}
+
+/// Not a pass/fail test: prints sends per second through the pool (pool_size 4) and
+/// with a connection per message (pool_size 0). Run with
+/// `cargo test --lib upstream::tests::throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput() {
+    let fake = Fake::start(FakeOptions::default()).await;
+    let body = {
+        let mut b = b"Subject: load\r\n\r\n".to_vec();
+        while b.len() < 2000 {
+            b.extend_from_slice(b"Lorem ipsum dolor sit amet, consectetur adipiscing elit.\r\n");
+        }
+        std::sync::Arc::new(b)
+    };
+    for (pool_size, total) in [(4usize, 5000usize), (0, 500)] {
+        let mut s = settings(&fake, pool_size);
+        s.max_messages_per_connection = u32::MAX;
+        let pool = UpstreamPool::new(s, TokenHandle::fixed(GOOD_TOKEN, Duration::from_secs(3600)));
+        pool.warm().await;
+        let callers = 32;
+        let start = std::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..callers {
+            let (pool, body) = (pool.clone(), body.clone());
+            tasks.spawn(async move {
+                for _ in 0..total / callers {
+                    let r = pool
+                        .send(&envelope("a@example.com", &["b@example.org"]), &body)
+                        .await
+                        .unwrap();
+                    assert!(r.delivered());
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let n = (total / callers) * callers;
+        println!(
+            "pool_size {pool_size}: {n} messages of {} bytes in {secs:.2} s = {:.0} msgs/s ({:?})",
+            body.len(),
+            n as f64 / secs,
+            pool.stats()
+        );
+    }
 }
