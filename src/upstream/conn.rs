@@ -391,10 +391,19 @@ impl Connection {
         };
         if reply.code != 250 {
             self.broken = true;
-            return Err(UpstreamError::Closing {
-                addr: self.wire.addr.to_string(),
-                stage,
-                reply: Reply::from_response(&reply),
+            let addr = self.wire.addr.to_string();
+            return Err(if reply.code == 421 {
+                UpstreamError::Closing {
+                    addr,
+                    stage,
+                    reply: Reply::from_response(&reply),
+                }
+            } else {
+                UpstreamError::Protocol {
+                    addr,
+                    stage,
+                    cause: format!("unexpected reply {}", Reply::from_response(&reply)),
+                }
             });
         }
         self.needs_rset = false;

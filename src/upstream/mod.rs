@@ -20,7 +20,7 @@ use std::{sync::Arc, time::Duration};
 
 use crate::reply::Reply;
 
-pub use error::UpstreamError;
+pub use error::{Stage, UpstreamError};
 pub use pool::{PoolStats, UpstreamPool};
 
 /// How to reach and use one upstream account.

@@ -148,6 +148,12 @@ impl UpstreamPool {
 
     /// Sends one message. `data` is the message without dot-stuffing, lines ending CRLF,
     /// ending with CRLF, without the final dot.
+    ///
+    /// `Ok` means the transaction ran to its end: look at `report.data` (the reply to the
+    /// final dot, which may be a 4xx/5xx; `None` when every recipient was refused) and at
+    /// each recipient's outcome. `Err` means no transaction outcome: MAIL or DATA refused
+    /// (the upstream's reply, passed on), or a connection, login, pool or token failure,
+    /// or `Indeterminate` (lost after the final dot: never resent).
     pub async fn send(
         &self,
         envelope: &Envelope,
