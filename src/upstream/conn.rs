@@ -633,10 +633,14 @@ impl Connection {
         // The body: dot-stuffed, in large writes; errors once the final dot may have left
         // are indeterminate (never resent).
         let final_reply = self.write_body(data).await.map_err(TxError::fatal)?;
-        let reply = Reply::from_response(&final_reply);
         if final_reply.code == 421 {
+            // Not delivered, and the server is going away. Reported as an error so our
+            // client does not get a 421 (which would tell it *we* are closing).
             self.broken = true;
-        } else if reply.is_positive() {
+            return Err(TxError::fatal(self.closing(Stage::Body, &final_reply)));
+        }
+        let reply = Reply::from_response(&final_reply);
+        if reply.is_positive() {
             self.messages += 1;
         } else {
             self.needs_rset = true;

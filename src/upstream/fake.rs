@@ -39,6 +39,8 @@ pub struct FakeOptions {
     pub vanish_after_dot: bool,
     /// Wait this long before the reply to the final dot.
     pub final_reply_delay: Duration,
+    /// Reply to the final dot with this (CRLF added) instead of 250, for the first message.
+    pub final_reply: Option<&'static str>,
 }
 
 impl Default for FakeOptions {
@@ -53,6 +55,7 @@ impl Default for FakeOptions {
             say_421_after: None,
             vanish_after_dot: false,
             final_reply_delay: Duration::ZERO,
+            final_reply: None,
         }
     }
 }
@@ -337,8 +340,20 @@ async fn secure_session<S: AsyncRead + AsyncWrite + Unpin>(
                     return Ok(());
                 }
                 tokio::time::sleep(opts.final_reply_delay).await;
-                delivered += 1;
-                "250 2.0.0 OK 1700000000 x - gsmtp\r\n".into()
+                let first = st.lock().unwrap().messages.len() == 1;
+                match opts.final_reply.filter(|_| first) {
+                    Some(text) if text.starts_with("421") => {
+                        r.get_mut()
+                            .write_all(format!("{text}\r\n").as_bytes())
+                            .await?;
+                        return Ok(());
+                    }
+                    Some(text) => format!("{text}\r\n"),
+                    None => {
+                        delivered += 1;
+                        "250 2.0.0 OK 1700000000 x - gsmtp\r\n".into()
+                    }
+                }
             }
             "RSET" => {
                 from = None;

@@ -689,3 +689,53 @@ async fn throughput() {
         );
     }
 }
+
+#[tokio::test]
+async fn refused_message_is_reported_and_reset_before_reuse() {
+    let fake = Fake::start(FakeOptions {
+        final_reply: Some("550 5.7.1 Our system has detected an unusual rate of mail - gsmtp"),
+        ..FakeOptions::default()
+    })
+    .await;
+    let pool = pool(&fake, 1);
+    let report = pool
+        .send(&envelope("a@example.com", &["b@example.org"]), MSG)
+        .await
+        .unwrap();
+    assert!(!report.delivered());
+    let data = report.data.unwrap();
+    assert_eq!((data.code, data.esc), (550, Some([5, 7, 1])));
+    assert!(report.recipients[0].accepted);
+    pool.send(&envelope("a@example.com", &["c@example.org"]), MSG)
+        .await
+        .unwrap();
+    let cmds = fake.commands();
+    let after_first_data = cmds.iter().skip_while(|c| !c.ends_with("DATA")).nth(1);
+    assert_eq!(after_first_data.map(String::as_str), Some("1 RSET"));
+    assert_eq!(pool.stats().connections_opened, 1);
+}
+
+#[tokio::test]
+async fn reply_421_to_the_final_dot_is_transient_and_not_resent() {
+    let fake = Fake::start(FakeOptions {
+        final_reply: Some("421 4.7.0 Try again later, closing connection. - gsmtp"),
+        ..FakeOptions::default()
+    })
+    .await;
+    let pool = pool(&fake, 1);
+    let err = pool
+        .send(&envelope("a@example.com", &["b@example.org"]), MSG)
+        .await
+        .unwrap_err();
+    let r = err.reply();
+    assert_eq!((r.code, r.esc), (451, Some([4, 7, 0])), "{r}");
+    assert_eq!(fake.state.lock().unwrap().connections, 1);
+    // The next message gets a new connection.
+    assert!(pool
+        .send(&envelope("a@example.com", &["c@example.org"]), MSG)
+        .await
+        .unwrap()
+        .delivered());
+    let s = pool.stats();
+    assert_eq!((s.connections_opened, s.retries), (2, 0));
+}
