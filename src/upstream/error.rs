@@ -1,0 +1,251 @@
+//! Why a send to the upstream failed, and the one place that turns each failure into the
+//! SMTP reply our client sees. Nothing in here ever holds a token or an AUTH payload.
+
+use std::{fmt, time::Duration};
+
+use crate::{oauth::TokenUnavailable, reply::Reply};
+
+/// Where in the SMTP dialogue something went wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Connect,
+    Greeting,
+    Ehlo,
+    StartTls,
+    Auth,
+    Rset,
+    Noop,
+    Mail,
+    Rcpt,
+    Data,
+    /// The message body and the final dot.
+    Body,
+    Quit,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::Connect => "connect",
+            Stage::Greeting => "the greeting",
+            Stage::Ehlo => "EHLO",
+            Stage::StartTls => "STARTTLS",
+            Stage::Auth => "AUTH XOAUTH2",
+            Stage::Rset => "RSET",
+            Stage::Noop => "NOOP",
+            Stage::Mail => "MAIL FROM",
+            Stage::Rcpt => "RCPT TO",
+            Stage::Data => "DATA",
+            Stage::Body => "the message body",
+            Stage::Quit => "QUIT",
+        })
+    }
+}
+
+/// A failed upstream send or connection attempt.
+#[derive(thiserror::Error, Debug)]
+pub enum UpstreamError {
+    /// TCP connect failed or timed out.
+    #[error("cannot reach upstream {addr}: {cause}")]
+    Connect { addr: String, cause: String },
+    /// The TLS handshake after STARTTLS failed (certificate, protocol).
+    #[error("TLS handshake with upstream {addr} ({server_name}) failed: {cause}")]
+    Tls {
+        addr: String,
+        server_name: String,
+        cause: String,
+    },
+    /// The upstream greeted us with something other than 220.
+    #[error("upstream {addr} refused the session: {reply}")]
+    Greeting { addr: String, reply: Reply },
+    #[error("upstream {addr} does not offer STARTTLS; refusing to send credentials in clear")]
+    NoStartTls { addr: String },
+    #[error("upstream {addr} refused STARTTLS: {reply}")]
+    StartTlsRefused { addr: String, reply: Reply },
+    /// No usable access token (the token manager says why).
+    #[error("no valid OAuth access token: {}", .0.reason)]
+    NoToken(#[from] TokenUnavailable),
+    /// The upstream rejected our token. `challenge` is the decoded JSON of its 334 reply.
+    #[error("upstream {addr} refused our OAuth token for {username} ({reply}){}",
+        challenge.as_deref().map(|c| format!("; server said {c}")).unwrap_or_default())]
+    AuthFailed {
+        addr: String,
+        username: String,
+        reply: Reply,
+        challenge: Option<String>,
+    },
+    /// The upstream refused the transaction (MAIL, DATA or the final dot), or we refused
+    /// it locally for the upstream (SIZE, SMTPUTF8). The reply is passed on as is.
+    #[error("upstream {addr} rejected {stage}: {reply}")]
+    Rejected {
+        addr: String,
+        stage: Stage,
+        reply: Reply,
+    },
+    /// No pooled connection became free in time.
+    #[error("no connection to upstream {addr} became free within {waited:?}")]
+    PoolTimeout { addr: String, waited: Duration },
+    /// The upstream did not answer in time.
+    #[error("upstream {addr} did not answer {stage} within {after:?}")]
+    Timeout {
+        addr: String,
+        stage: Stage,
+        after: Duration,
+    },
+    /// The upstream said 421: it is closing the connection.
+    #[error("upstream {addr} closed the connection at {stage}: {reply}")]
+    Closing {
+        addr: String,
+        stage: Stage,
+        reply: Reply,
+    },
+    /// I/O error or EOF before the message could have been delivered.
+    #[error("connection to upstream {addr} lost at {stage}: {cause}")]
+    ConnectionLost {
+        addr: String,
+        stage: Stage,
+        cause: String,
+    },
+    /// The upstream sent something that is not an SMTP reply.
+    #[error("upstream {addr} broke the protocol at {stage}: {cause}")]
+    Protocol {
+        addr: String,
+        stage: Stage,
+        cause: String,
+    },
+    /// The connection failed after the final dot was written: the message may or may not
+    /// have been delivered. Never resent (no duplicates).
+    #[error("connection to upstream {addr} lost after the message was sent ({cause}); delivery status unknown")]
+    Indeterminate { addr: String, cause: String },
+}
+
+impl UpstreamError {
+    /// The reply for our client.
+    pub fn reply(&self) -> Reply {
+        match self {
+            UpstreamError::Connect { addr, cause } => Reply::new(
+                451,
+                [4, 4, 1],
+                format!("cannot reach upstream {addr}: {cause}"),
+            ),
+            UpstreamError::Tls {
+                addr,
+                server_name,
+                cause,
+            } => Reply::new(
+                451,
+                [4, 4, 1],
+                format!("TLS with upstream {addr} ({server_name}) failed: {cause}"),
+            ),
+            UpstreamError::Greeting { addr, reply } => Reply::new(
+                451,
+                [4, 4, 1],
+                format!("upstream {addr} refused the session ({reply})"),
+            ),
+            UpstreamError::NoStartTls { addr } => Reply::new(
+                454,
+                [4, 7, 0],
+                format!(
+                    "upstream {addr} does not offer STARTTLS; refusing to send credentials in clear"
+                ),
+            ),
+            UpstreamError::StartTlsRefused { addr, reply } => Reply::new(
+                454,
+                [4, 7, 0],
+                format!("upstream {addr} refused STARTTLS ({reply})"),
+            ),
+            UpstreamError::NoToken(e) => Reply::new(
+                454,
+                [4, 7, 0],
+                format!(
+                    "cannot log in upstream: no valid OAuth access token: {}",
+                    e.reason
+                ),
+            ),
+            UpstreamError::AuthFailed { reply, .. } => Reply::new(
+                454,
+                [4, 7, 0],
+                format!("upstream refused our OAuth token ({reply})"),
+            ),
+            UpstreamError::Rejected { reply, .. } => reply.clone(),
+            UpstreamError::PoolTimeout { addr, waited } => Reply::new(
+                451,
+                [4, 4, 1],
+                format!(
+                    "no connection to upstream {addr} became free within {} s; try again later",
+                    waited.as_secs()
+                ),
+            ),
+            UpstreamError::Timeout { addr, stage, after } => Reply::new(
+                451,
+                [4, 4, 2],
+                format!(
+                    "upstream {addr} did not answer {stage} within {} s",
+                    after.as_secs()
+                ),
+            ),
+            UpstreamError::Closing { addr, reply, .. } => Reply::new(
+                451,
+                reply.esc.filter(|e| e[0] == 4).unwrap_or([4, 4, 2]),
+                format!("upstream {addr} closed the connection ({reply})"),
+            ),
+            UpstreamError::ConnectionLost { addr, stage, cause } => Reply::new(
+                451,
+                [4, 4, 2],
+                format!("connection to upstream {addr} lost at {stage}: {cause}"),
+            ),
+            UpstreamError::Protocol { addr, stage, cause } => Reply::new(
+                451,
+                [4, 5, 0],
+                format!("upstream {addr} sent an invalid reply to {stage}: {cause}"),
+            ),
+            UpstreamError::Indeterminate { .. } => Reply::new(
+                451,
+                [4, 4, 2],
+                "connection lost after the message was sent; delivery status unknown",
+            ),
+        }
+    }
+
+    /// Worth trying again later (the reply is 4xx).
+    pub fn is_transient(&self) -> bool {
+        self.reply().is_transient()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_keep_upstream_codes_and_map_ours() {
+        let addr = "smtp.example:587".to_string();
+        let rejected = UpstreamError::Rejected {
+            addr: addr.clone(),
+            stage: Stage::Mail,
+            reply: Reply::new(550, [5, 4, 5], "Daily user sending limit exceeded."),
+        };
+        assert_eq!(rejected.reply().code, 550);
+        assert_eq!(rejected.reply().esc, Some([5, 4, 5]));
+        assert!(!rejected.is_transient());
+        let lost = UpstreamError::Indeterminate {
+            addr: addr.clone(),
+            cause: "EOF".into(),
+        };
+        assert_eq!(
+            lost.reply().to_string(),
+            "451 4.4.2 connection lost after the message was sent; delivery status unknown"
+        );
+        let t = UpstreamError::PoolTimeout {
+            addr: addr.clone(),
+            waited: Duration::from_secs(30),
+        };
+        assert_eq!(t.reply().esc_string().as_deref(), Some("4.4.1"));
+        let c = UpstreamError::Connect {
+            addr,
+            cause: "connection refused".into(),
+        };
+        assert!(c.reply().text.contains("smtp.example:587"));
+        assert!(c.is_transient());
+    }
+}
