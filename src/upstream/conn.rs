@@ -556,6 +556,15 @@ impl Connection {
             }));
         }
 
+        // A pipelined MAIL answered 4xx by a server that then hangs up was most likely an
+        // unsolicited "451 4.4.2 Timeout - closing connection" racing our batch: nothing
+        // was started, so it is as safe to resend as a connection found dead.
+        let mail_4xx = (400..500).contains(&mail.code);
+        let after_mail = |e: UpstreamError| TxError {
+            retry_on_fresh: pipelining && mail_4xx && is_dead(&e),
+            error: e,
+        };
+
         // RCPT replies.
         let mut recipients = Vec::with_capacity(n);
         for r in &envelope.recipients {
@@ -565,10 +574,10 @@ impl Connection {
                 let line = format!("RCPT TO:<{r}>\r\n");
                 self.wire.command(line.as_bytes(), Stage::Rcpt).await
             }
-            .map_err(TxError::fatal)?;
+            .map_err(after_mail)?;
             if reply.code == 421 {
                 self.broken = true;
-                return Err(TxError::fatal(self.closing(Stage::Rcpt, &reply)));
+                return Err(after_mail(self.closing(Stage::Rcpt, &reply)));
             }
             recipients.push(RecipientOutcome {
                 address: r.clone(),
@@ -584,7 +593,7 @@ impl Connection {
                 self.wire
                     .read_reply(Stage::Data)
                     .await
-                    .map_err(TxError::fatal)?,
+                    .map_err(after_mail)?,
             )
         } else if any_accepted {
             Some(
@@ -599,7 +608,7 @@ impl Connection {
         let go_ahead = data_reply.as_ref().is_some_and(|r| r.code == 354);
         if let Some(r) = data_reply.as_ref().filter(|r| r.code == 421) {
             self.broken = true;
-            return Err(TxError::fatal(self.closing(Stage::Data, r)));
+            return Err(after_mail(self.closing(Stage::Data, r)));
         }
         if !mail_ok || !any_accepted {
             if go_ahead {

@@ -35,6 +35,9 @@ pub struct FakeOptions {
     pub vanish_after: Option<usize>,
     /// Per connection: after this many messages, answer the next command with 421.
     pub say_421_after: Option<usize>,
+    /// Per connection: after this many messages, answer the next command with Gmail's
+    /// idle-timeout `451 4.4.2` and close (as if it had raced our command).
+    pub say_451_after: Option<usize>,
     /// Read the whole message, then close without replying.
     pub vanish_after_dot: bool,
     /// Wait this long before the reply to the final dot.
@@ -53,6 +56,7 @@ impl Default for FakeOptions {
             refuse: Vec::new(),
             vanish_after: None,
             say_421_after: None,
+            say_451_after: None,
             vanish_after_dot: false,
             final_reply_delay: Duration::ZERO,
             final_reply: None,
@@ -240,6 +244,12 @@ async fn secure_session<S: AsyncRead + AsyncWrite + Unpin>(
         if opts.say_421_after.is_some_and(|n| delivered >= n) {
             r.get_mut()
                 .write_all(b"421 4.7.0 Try again later, closing connection. - gsmtp\r\n")
+                .await?;
+            return Ok(());
+        }
+        if opts.say_451_after.is_some_and(|n| delivered >= n) {
+            r.get_mut()
+                .write_all(b"451 4.4.2 Timeout - closing connection. - gsmtp\r\n")
                 .await?;
             return Ok(());
         }

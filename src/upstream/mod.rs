@@ -14,6 +14,8 @@ mod pool;
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
+mod sandbox_tests;
+#[cfg(test)]
 mod tests;
 
 use std::{sync::Arc, time::Duration};

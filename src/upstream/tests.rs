@@ -739,3 +739,24 @@ async fn reply_421_to_the_final_dot_is_transient_and_not_resent() {
     let s = pool.stats();
     assert_eq!((s.connections_opened, s.retries), (2, 0));
 }
+
+#[tokio::test]
+async fn idle_timeout_racing_our_batch_is_retried_on_a_fresh_connection() {
+    let fake = Fake::start(FakeOptions {
+        say_451_after: Some(1),
+        ..FakeOptions::default()
+    })
+    .await;
+    let pool = pool(&fake, 1);
+    for i in 0..2 {
+        let to = format!("r{i}@example.org");
+        assert!(pool
+            .send(&envelope("a@example.com", &[&to]), MSG)
+            .await
+            .unwrap()
+            .delivered());
+    }
+    assert_eq!(fake.messages().len(), 2);
+    let s = pool.stats();
+    assert_eq!((s.connections_opened, s.retries), (2, 1));
+}
