@@ -6,6 +6,8 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod demo;
 pub mod dsn;
 pub mod envelope;
 pub mod ingress;
@@ -13,5 +15,6 @@ pub mod oauth;
 pub mod relay;
 pub mod reply;
 pub mod sandbox;
+pub mod signals;
 pub mod tls;
 pub mod upstream;

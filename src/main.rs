@@ -1,1 +1,109 @@
-fn main() {}
+//! The `smtp-oauth-relay` binary: parse the command line, set up logging, dispatch.
+
+use std::{process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use smtp_oauth_relay::{
+    cli::{Cli, Command, TokenCommand},
+    config::{Config, Provider},
+    daemon::{self, Daemon},
+    demo, oauth, signals, tls,
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cli.log))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    tls::install_crypto_provider();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("smtp-oauth-relay: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("smtp-oauth-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run => {
+            let config = Config::load(&cli.config)?;
+            let daemon = Daemon::start(config).await?;
+            let stop = daemon.shutdown_token();
+            tokio::select! {
+                _ = signals::terminated() => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
+            daemon.wait().await;
+        }
+        Command::CheckConfig => {
+            let config = Config::load(&cli.config)?;
+            for a in &config.accounts {
+                daemon::upstream_settings(a, &config.server.hostname)?;
+                daemon::refresher(a)?;
+            }
+            println!("{}: OK", cli.config.display());
+        }
+        Command::Token { command } => {
+            let config = Config::load(&cli.config)?;
+            match command {
+                TokenCommand::Status { account } => {
+                    let a = config.account(account.as_deref())?;
+                    let store = oauth::TokenStore::new(a.token_file.clone());
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or(Duration::ZERO)
+                        .as_secs();
+                    let hint = match a.provider {
+                        Provider::Gmail => oauth::ProviderHint::Gmail,
+                        Provider::Custom => oauth::ProviderHint::Custom,
+                    };
+                    let status = oauth::status_with(&store, now, hint)?;
+                    println!("account {} ({}):\n{status}", a.name, a.username);
+                }
+                TokenCommand::Refresh { account } => {
+                    let a = config.account(account.as_deref())?;
+                    let store = oauth::TokenStore::new(a.token_file.clone());
+                    let refresher = daemon::refresher(a)?;
+                    oauth::refresh_now(&store, &refresher)
+                        .await
+                        .with_context(|| format!("refreshing the token of account {}", a.name))?;
+                    println!(
+                        "account {}: access token refreshed and saved to {}",
+                        a.name,
+                        a.token_file.display()
+                    );
+                }
+            }
+        }
+        Command::Demo {
+            listen,
+            mail_dir,
+            token_lifetime,
+            pool_size,
+        } => {
+            demo::run(demo::DemoOptions {
+                listen,
+                mail_dir,
+                token_lifetime: Duration::from_secs(token_lifetime.max(10)),
+                pool_size,
+            })
+            .await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -75,7 +75,7 @@ pub struct TokenUnavailable {
 
 /// A token is not handed out when it has less than this left: the upstream may see it
 /// after it expired otherwise.
-const MIN_REMAINING: Duration = Duration::from_secs(5);
+const MIN_REMAINING: Duration = Duration::from_secs(1);
 
 /// The reading side, cloned into every sender.
 #[derive(Clone)]
@@ -160,7 +160,8 @@ impl TokenHandle {
 
     /// Waits up to `wait` for a valid token.
     pub async fn ready(&self, wait: Duration) -> Result<AccessToken, TokenUnavailable> {
-        self.wait_for(wait, |t| t.valid_for(MIN_REMAINING)).await
+        self.wait_for(wait, |t| t.valid_for(MIN_REMAINING), true)
+            .await
     }
 
     /// The upstream rejected the token of generation `stale`: asks the manager for a new
@@ -176,14 +177,23 @@ impl TokenHandle {
             }
         }
         self.refresh_wanted.notify_one();
-        self.wait_for(wait, |t| t.generation > stale && t.valid_for(MIN_REMAINING))
-            .await
+        self.wait_for(
+            wait,
+            |t| t.generation > stale && t.valid_for(MIN_REMAINING),
+            false,
+        )
+        .await
     }
 
+    /// Waits for a token that is `good`. A published failure ends the wait at once when
+    /// `fail_fast` (the manager has already retried; a client should not hang on it), or
+    /// from the first change on otherwise (a refresh was just requested: wait for its
+    /// outcome, not for the failure from before).
     async fn wait_for(
         &self,
         wait: Duration,
         good: impl Fn(&AccessToken) -> bool,
+        mut fail_fast: bool,
     ) -> Result<AccessToken, TokenUnavailable> {
         let mut changes = self.changes.clone();
         let deadline = Instant::now() + wait;
@@ -192,10 +202,18 @@ impl TokenHandle {
             match &**self.current.load() {
                 TokenState::Ready(t) if good(t) => return Ok(t.clone()),
                 TokenState::Failed { last: Some(t), .. } if good(t) => return Ok(t.clone()),
+                TokenState::Failed { reason, .. } if fail_fast => {
+                    return Err(TokenUnavailable {
+                        reason: reason.clone(),
+                    })
+                }
                 _ => {}
             }
             match tokio::time::timeout_at(deadline, changes.changed()).await {
-                Ok(Ok(())) => continue,
+                Ok(Ok(())) => {
+                    fail_fast = true;
+                    continue;
+                }
                 Ok(Err(_)) | Err(_) => {
                     return self.current().and_then(|t| {
                         if good(&t) {
@@ -236,7 +254,7 @@ mod tests {
     async fn expired_token_is_not_handed_out() {
         let h = TokenHandle::fixed("x", Duration::from_secs(10));
         assert!(h.current().is_ok());
-        tokio::time::advance(Duration::from_secs(6)).await;
+        tokio::time::advance(Duration::from_secs(9)).await;
         assert!(h.current().is_err());
     }
 
@@ -260,5 +278,35 @@ mod tests {
         // Timeout when nobody publishes.
         let r = h.refresh_after(2, Duration::from_secs(5)).await;
         assert!(r.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_published_failure_ends_the_wait() {
+        let (p, h) = token_channel();
+        p.publish(TokenState::Failed {
+            last: None,
+            reason: "invalid_grant".into(),
+        });
+        let started = Instant::now();
+        let e = h.ready(Duration::from_secs(30)).await.unwrap_err();
+        assert_eq!(&*e.reason, "invalid_grant");
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "no wait on a known failure"
+        );
+
+        // After a forced refresh request, the old failure does not count: its outcome does.
+        let h2 = h.clone();
+        let waiter =
+            tokio::spawn(async move { h2.refresh_after(0, Duration::from_secs(30)).await });
+        p.refresh_requested().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished());
+        p.publish(TokenState::Failed {
+            last: None,
+            reason: "still revoked".into(),
+        });
+        assert_eq!(&*waiter.await.unwrap().unwrap_err().reason, "still revoked");
     }
 }

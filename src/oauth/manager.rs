@@ -710,11 +710,12 @@ mod tests {
             Step::Reply(grant("ya29.SECRET-a", 3599)),
             Step::Reply(grant("ya29.SECRET-b", 4)),
             Step::Reply(grant("ya29.SECRET-c", 4)),
+            Step::Reply(grant("ya29.SECRET-d", 4)),
         ]);
         let stop = CancellationToken::new();
         let (h, join) = TokenManager::start(settings(), store, fake.clone(), stop.clone()).unwrap();
         assert_eq!(wait_generation(&h, 1).await.secret(), "ya29.SECRET-a");
-        wait_generation(&h, 3).await;
+        wait_generation(&h, 4).await;
         let t = fake.call_times();
         assert_eq!(
             t[1] - t[0],

@@ -1,0 +1,415 @@
+//! Load benchmark: msgs/s, added latency, upstream connections and peak RSS of the relay.
+//!
+//! Starts the sandbox provider in this process and the real `smtp-oauth-relay` binary as a
+//! child (so its RSS is its own), then drives client sessions over loopback:
+//!   direct     — sessions talk straight to the sandbox over authenticated STARTTLS
+//!                connections they reuse (the upstream's limit);
+//!   pooled     — through the relay, pool on, one client connection per message
+//!                (like Postfix's smtp-source);
+//!   pooled-reuse — through the relay, clients reuse their connection;
+//!   per-message — through the relay with pool_size = 0.
+//! Then 1,000 idle client connections for the RSS figure.
+//!
+//! Run: `cargo bench --bench throughput` (env BENCH_SECS, BENCH_SESSIONS, BENCH_SIZE).
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use smtp_oauth_relay::sandbox::{Sandbox, SandboxOptions};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Reads replies until `n` complete replies (last lines) have arrived; returns the codes.
+async fn read_replies<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>, n: usize) -> Vec<u16> {
+    let mut codes = Vec::with_capacity(n);
+    let mut chunk = [0u8; 8192];
+    loop {
+        while let Some(pos) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line: Vec<u8> = buf.drain(..pos + 2).collect();
+            if line.len() >= 4 && line[3] == b' ' {
+                let code = std::str::from_utf8(&line[..3]).unwrap().parse().unwrap();
+                codes.push(code);
+                if codes.len() == n {
+                    return codes;
+                }
+            }
+        }
+        let k = s.read(&mut chunk).await.expect("read");
+        assert!(k > 0, "connection closed while waiting for replies");
+        buf.extend_from_slice(&chunk[..k]);
+    }
+}
+
+fn message(size: usize, seq: u64) -> Vec<u8> {
+    let mut m = format!(
+        "From: bench@example.com\r\nTo: sink@example.com\r\nSubject: bench {seq}\r\nMessage-ID: <{seq}.bench@example.com>\r\n\r\n"
+    )
+    .into_bytes();
+    let line = b"The quick brown fox jumps over the lazy dog. 0123456789 abcdefghijklmnopqrstu\r\n";
+    while m.len() + line.len() <= size {
+        m.extend_from_slice(line);
+    }
+    m
+}
+
+/// One transaction on an open, greeted, EHLO'd connection (pipelined).
+async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, buf: &mut Vec<u8>, body: &[u8]) {
+    s.write_all(b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.com>\r\nDATA\r\n")
+        .await
+        .unwrap();
+    let codes = read_replies(s, buf, 3).await;
+    assert_eq!(codes, vec![250, 250, 354]);
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.extend_from_slice(body);
+    out.extend_from_slice(b".\r\n");
+    s.write_all(&out).await.unwrap();
+    let codes = read_replies(s, buf, 1).await;
+    assert_eq!(codes[0], 250, "message accepted");
+}
+
+struct Stats {
+    delivered: AtomicU64,
+    latencies: Mutex<Vec<Duration>>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// One connection per message to the relay.
+    PerMessageClient,
+    /// Clients keep their connection to the relay.
+    ReuseClient,
+}
+
+/// Drives `sessions` client sessions against the relay for `secs`; returns msgs/s.
+async fn drive_relay(
+    addr: SocketAddr,
+    sessions: usize,
+    secs: u64,
+    size: usize,
+    mode: Mode,
+    rate: Option<f64>,
+) -> (f64, Vec<Duration>) {
+    let stats = Arc::new(Stats {
+        delivered: AtomicU64::new(0),
+        latencies: Mutex::new(Vec::new()),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let body = Arc::new(message(size, 0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..sessions {
+        let (stats, stop, body) = (stats.clone(), stop.clone(), body.clone());
+        let per_session_interval = rate.map(|r| Duration::from_secs_f64(sessions as f64 / r));
+        tasks.push(tokio::spawn(async move {
+            let mut conn: Option<(TcpStream, Vec<u8>)> = None;
+            let mut next = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(iv) = per_session_interval {
+                    next += iv;
+                    tokio::time::sleep_until(next.into()).await;
+                }
+                let t0 = Instant::now();
+                if conn.is_none() {
+                    let mut s = TcpStream::connect(addr).await.unwrap();
+                    s.set_nodelay(true).unwrap();
+                    let mut buf = Vec::new();
+                    read_replies(&mut s, &mut buf, 1).await;
+                    s.write_all(b"EHLO bench.client\r\n").await.unwrap();
+                    read_replies(&mut s, &mut buf, 1).await;
+                    conn = Some((s, buf));
+                }
+                let (s, buf) = conn.as_mut().unwrap();
+                transaction(s, buf, &body).await;
+                if mode == Mode::PerMessageClient {
+                    let (mut s, mut buf) = conn.take().unwrap();
+                    s.write_all(b"QUIT\r\n").await.unwrap();
+                    read_replies(&mut s, &mut buf, 1).await;
+                }
+                let dt = t0.elapsed();
+                stats.delivered.fetch_add(1, Ordering::Relaxed);
+                stats.latencies.lock().unwrap().push(dt);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let n = stats.delivered.load(Ordering::Relaxed);
+    let lat = std::mem::take(&mut *stats.latencies.lock().unwrap());
+    (n as f64 / elapsed, lat)
+}
+
+/// The upstream's limit: sessions that talk straight to the sandbox over their own
+/// authenticated STARTTLS connection, reused for every message.
+async fn drive_direct(sandbox: &Sandbox, sessions: usize, secs: u64, size: usize) -> f64 {
+    let tls = smtp_oauth_relay::tls::client_config_from_pem(&sandbox.ca_pem).unwrap();
+    let token = fetch_token(sandbox).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let body = Arc::new(message(size, 0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..sessions {
+        let (stop, count, body, tls, token) = (
+            stop.clone(),
+            count.clone(),
+            body.clone(),
+            tls.clone(),
+            token.clone(),
+        );
+        let addr = sandbox.smtp_addr;
+        let user = sandbox.username.clone();
+        let name = sandbox.tls_server_name.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            let mut buf = Vec::new();
+            read_replies(&mut s, &mut buf, 1).await;
+            s.write_all(b"EHLO bench\r\nSTARTTLS\r\n").await.unwrap();
+            read_replies(&mut s, &mut buf, 2).await;
+            let connector = tokio_rustls::TlsConnector::from(tls);
+            let server_name = rustls_pki_types::ServerName::try_from(name).unwrap();
+            let mut t = connector.connect(server_name, s).await.unwrap();
+            let mut buf = Vec::new();
+            use base64::Engine;
+            let auth = base64::engine::general_purpose::STANDARD
+                .encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"));
+            t.write_all(format!("EHLO bench\r\nAUTH XOAUTH2 {auth}\r\n").as_bytes())
+                .await
+                .unwrap();
+            let codes = read_replies(&mut t, &mut buf, 2).await;
+            assert_eq!(codes[1], 235, "direct session authenticated");
+            while !stop.load(Ordering::Relaxed) {
+                transaction(&mut t, &mut buf, &body).await;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn fetch_token(sandbox: &Sandbox) -> String {
+    let client = reqwest::Client::new();
+    let v: serde_json::Value = client
+        .post(&sandbox.token_url)
+        .basic_auth(&sandbox.client_id, Some(&sandbox.client_secret))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", sandbox.refresh_token.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["access_token"].as_str().unwrap().to_owned()
+}
+
+/// The relay binary as a child process, configured for the sandbox.
+struct RelayProcess {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl RelayProcess {
+    async fn start(sandbox: &Sandbox, pool_size: usize) -> RelayProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token.json");
+        std::fs::write(
+            &token_file,
+            format!("{{\"refresh_token\":\"{}\"}}", sandbox.refresh_token),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &token_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &sandbox.ca_pem).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let config = format!(
+            "[server]\nlisten = [\"{addr}\"]\nhostname = \"relay.bench\"\nmax_connections = 2000\n\n\
+             [[account]]\nname = \"bench\"\nprovider = \"custom\"\nusername = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n\
+             token_file = \"{}\"\nsmtp_host = \"{}\"\nsmtp_port = {}\ntls_server_name = \"{}\"\ntoken_url = \"{}\"\nca_file = \"{}\"\npool_size = {pool_size}\nmax_messages_per_connection = 1000000\n",
+            sandbox.username, sandbox.client_id, sandbox.client_secret, token_file.display(),
+            sandbox.smtp_addr.ip(), sandbox.smtp_addr.port(), sandbox.tls_server_name, sandbox.token_url, ca.display()
+        );
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_smtp-oauth-relay"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start relay binary");
+        // Wait for the listener and for a warm pool.
+        for _ in 0..200 {
+            if TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        RelayProcess {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    fn peak_rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(
+            Path::new("/proc")
+                .join(self.child.id().to_string())
+                .join("status"),
+        )
+        .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn percentile(lat: &mut [Duration], p: f64) -> Duration {
+    if lat.is_empty() {
+        return Duration::ZERO;
+    }
+    lat.sort_unstable();
+    lat[((lat.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    // `cargo test --benches` runs benches with --bench absent; keep that quick.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("throughput: skipped (run with `cargo bench --bench throughput`)");
+        return;
+    }
+    smtp_oauth_relay::tls::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run());
+}
+
+async fn run() {
+    let secs = env_u64("BENCH_SECS", 5);
+    let sessions = env_u64("BENCH_SESSIONS", 20) as usize;
+    let size = env_u64("BENCH_SIZE", 2048) as usize;
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    println!(
+        "# throughput: {sessions} sessions, {size}-byte messages, {secs} s per run, {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    println!("| run | msgs/s | p50 ms | p99 ms | upstream conns opened | relay peak RSS MiB |");
+    println!("|---|---:|---:|---:|---:|---:|");
+
+    let direct = drive_direct(&sandbox, sessions, secs, size).await;
+    println!("| direct to sandbox (limit) | {direct:.0} | | | {sessions} | |");
+
+    let mut pooled_rate = 0.0;
+    for (label, pool, mode) in [
+        ("relay, pool 4, conn per msg", 4, Mode::PerMessageClient),
+        ("relay, pool 4, client reuses conn", 4, Mode::ReuseClient),
+        (
+            "relay, pool 0 (per-message upstream)",
+            0,
+            Mode::PerMessageClient,
+        ),
+    ] {
+        let before = sandbox.control.smtp_stats().connections_opened;
+        let relay = RelayProcess::start(&sandbox, pool).await;
+        let (rate, mut lat) = drive_relay(relay.addr, sessions, secs, size, mode, None).await;
+        let opened = sandbox.control.smtp_stats().connections_opened - before;
+        let (_, hwm) = relay.peak_rss_kib();
+        println!(
+            "| {label} | {rate:.0} | {:.2} | {:.2} | {opened} | {:.1} |",
+            percentile(&mut lat, 0.5).as_secs_f64() * 1e3,
+            percentile(&mut lat, 0.99).as_secs_f64() * 1e3,
+            hwm as f64 / 1024.0
+        );
+        if pool == 4 && mode == Mode::PerMessageClient {
+            pooled_rate = rate;
+            // Latency at half the peak rate.
+            let (r2, mut lat2) =
+                drive_relay(relay.addr, sessions, secs, size, mode, Some(rate / 2.0)).await;
+            println!(
+                "| {label}, paced at {:.0}/s | {r2:.0} | {:.2} | {:.2} | | |",
+                rate / 2.0,
+                percentile(&mut lat2, 0.5).as_secs_f64() * 1e3,
+                percentile(&mut lat2, 0.99).as_secs_f64() * 1e3
+            );
+        }
+    }
+    println!("\npooled / direct = {:.2}", pooled_rate / direct.max(1.0));
+
+    // 1,000 idle client connections.
+    let relay = RelayProcess::start(&sandbox, 4).await;
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        let mut s = TcpStream::connect(relay.addr).await.unwrap();
+        let mut buf = Vec::new();
+        read_replies(&mut s, &mut buf, 1).await;
+        s.write_all(b"EHLO idle\r\n").await.unwrap();
+        read_replies(&mut s, &mut buf, 1).await;
+        conns.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss, hwm) = relay.peak_rss_kib();
+    println!(
+        "1000 idle client connections: relay RSS {:.1} MiB, peak {:.1} MiB",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    drop(conns);
+}

@@ -1,0 +1,200 @@
+//! Wiring of one running relay: token manager, upstream pool, ingress listeners, and their
+//! orderly shutdown. `main`, the demo and the integration tests all start it the same way.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{AccountConfig, Config, Provider},
+    ingress::{self, IngressSettings},
+    oauth::{
+        manager::{ManagerSettings, ProviderHint, TokenManager},
+        refresh::OAuth2Refresher,
+        store::TokenStore,
+        OAuthError, TokenHandle,
+    },
+    relay::Relay,
+    tls,
+    upstream::{UpstreamPool, UpstreamSettings},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot listen on {addr}: {source}{hint}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+        hint: &'static str,
+    },
+    #[error(transparent)]
+    OAuth(#[from] OAuthError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("listener failed: {0}")]
+    Ingress(String),
+}
+
+/// A started relay.
+pub struct Daemon {
+    /// The addresses actually bound (useful with port 0).
+    pub local_addrs: Vec<SocketAddr>,
+    pub tokens: TokenHandle,
+    pub pool: UpstreamPool,
+    shutdown: CancellationToken,
+    serve: JoinHandle<()>,
+    manager: JoinHandle<()>,
+}
+
+/// The ingress settings a config asks for.
+pub fn ingress_settings(config: &Config) -> IngressSettings {
+    let s = &config.server;
+    let mut i = IngressSettings::new(s.hostname.clone());
+    i.max_message_size = s.max_message_size;
+    i.max_recipients = s.max_recipients;
+    i.max_connections = s.max_connections;
+    i.command_timeout = s.command_timeout;
+    i.data_timeout = s.data_timeout;
+    i
+}
+
+/// The upstream settings for one account.
+pub fn upstream_settings(
+    account: &AccountConfig,
+    hostname: &str,
+) -> Result<UpstreamSettings, DaemonError> {
+    let tls = tls::client_config(account.ca_file.as_deref())?;
+    let mut u = UpstreamSettings::new(
+        account.smtp_host.clone(),
+        account.smtp_port,
+        hostname.to_owned(),
+        account.username.clone(),
+        tls,
+    );
+    u.tls_server_name = account.tls_server_name.clone();
+    u.pool_size = account.pool_size;
+    u.max_idle = account.max_idle;
+    u.max_messages_per_connection = account.max_messages_per_connection;
+    Ok(u)
+}
+
+/// The token refresher for one account.
+pub fn refresher(account: &AccountConfig) -> Result<OAuth2Refresher, DaemonError> {
+    Ok(OAuth2Refresher::new(
+        account.client_id.clone(),
+        account.client_secret.clone(),
+        account.token_url.clone(),
+    )?)
+}
+
+impl Daemon {
+    /// Binds the listeners, starts the token manager and the pool, and serves until
+    /// `shutdown()`.
+    pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
+        tls::install_crypto_provider();
+        let shutdown = CancellationToken::new();
+        let account = config.accounts[0].clone();
+
+        let mut listeners = Vec::new();
+        let mut local_addrs = Vec::new();
+        for addr in &config.server.listen {
+            let l = TcpListener::bind(addr).await.map_err(|source| DaemonError::Bind {
+                addr: *addr,
+                hint: if source.kind() == std::io::ErrorKind::PermissionDenied {
+                    " (ports below 1024 need root or CAP_NET_BIND_SERVICE; the systemd unit grants it)"
+                } else if source.kind() == std::io::ErrorKind::AddrInUse {
+                    " (another mail server, e.g. postfix or exim, may already use this port)"
+                } else {
+                    ""
+                },
+                source,
+            })?;
+            local_addrs.push(l.local_addr().unwrap_or(*addr));
+            listeners.push(l);
+        }
+
+        let store = TokenStore::new(account.token_file.clone());
+        let settings = ManagerSettings {
+            account: account.name.clone(),
+            refresh_margin: account.refresh_margin,
+            provider_hint: match account.provider {
+                Provider::Gmail => ProviderHint::Gmail,
+                Provider::Custom => ProviderHint::Custom,
+            },
+            config_path: Some(config.path.clone()),
+        };
+        let (tokens, manager) =
+            TokenManager::start(settings, store, refresher(&account)?, shutdown.clone())?;
+
+        let pool = UpstreamPool::new(
+            upstream_settings(&account, &config.server.hostname)?,
+            tokens.clone(),
+        );
+        {
+            // Warm the pool once the first token is there, without holding up start.
+            let pool = pool.clone();
+            let tokens = tokens.clone();
+            tokio::spawn(async move {
+                if tokens.ready(Duration::from_secs(60)).await.is_ok() {
+                    pool.warm().await;
+                }
+            });
+        }
+
+        let relay = Arc::new(Relay::new(
+            pool.clone(),
+            config.server.hostname.clone(),
+            account.smtp_host.clone(),
+        ));
+        let ingress = Arc::new(ingress_settings(&config));
+        let serve = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = ingress::serve(listeners, ingress, relay, shutdown.clone()).await {
+                    error!(error = %e, "listener failed; shutting down");
+                    shutdown.cancel();
+                }
+            })
+        };
+        info!(
+            listen = ?local_addrs,
+            account = %account.name,
+            upstream = %format!("{}:{}", account.smtp_host, account.smtp_port),
+            pool_size = account.pool_size,
+            "smtp-oauth-relay started"
+        );
+        Ok(Daemon {
+            local_addrs,
+            tokens,
+            pool,
+            shutdown,
+            serve,
+            manager,
+        })
+    }
+
+    /// A token that, when cancelled, stops the daemon.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, lets sessions finish (idle ones get 421 4.3.0), closes the
+    /// upstream connections and stops the token manager.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+
+    /// Waits until the daemon stopped (after `shutdown_token().cancel()`).
+    pub async fn wait(self) {
+        if let Err(e) = self.serve.await {
+            warn!(error = %e, "listener task ended abnormally");
+        }
+        self.shutdown.cancel();
+        self.pool.close().await;
+        let _ = self.manager.await;
+        info!("smtp-oauth-relay stopped");
+    }
+}
