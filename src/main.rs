@@ -55,6 +55,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             for a in &config.accounts {
                 daemon::upstream_settings(a, &config.server.hostname)?;
                 daemon::refresher(a)?;
+                oauth::TokenStore::new(a.token_file.clone())
+                    .load()
+                    .with_context(|| format!("account {}: `token_file`", a.name))?;
             }
             println!("{}: OK", cli.config.display());
         }
