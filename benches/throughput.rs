@@ -23,7 +23,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use smtp_oauth_relay::sandbox::{Sandbox, SandboxOptions};
+use smtp_oauth_relay::{
+    demo::{write_relay_config, RelayConfigOptions},
+    sandbox::{Sandbox, SandboxOptions},
+};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
@@ -241,34 +244,24 @@ struct RelayProcess {
 impl RelayProcess {
     async fn start(sandbox: &Sandbox, pool_size: usize) -> RelayProcess {
         let dir = tempfile::tempdir().unwrap();
-        let token_file = dir.path().join("token.json");
-        std::fs::write(
-            &token_file,
-            format!("{{\"refresh_token\":\"{}\"}}", sandbox.refresh_token),
-        )
-        .unwrap();
-        std::fs::set_permissions(
-            &token_file,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, &sandbox.ca_pem).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let config = format!(
-            "[server]\nlisten = [\"{addr}\"]\nhostname = \"relay.bench\"\nmax_connections = 2000\n\n\
-             [[account]]\nname = \"bench\"\nprovider = \"custom\"\nusername = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n\
-             token_file = \"{}\"\nsmtp_host = \"{}\"\nsmtp_port = {}\ntls_server_name = \"{}\"\ntoken_url = \"{}\"\nca_file = \"{}\"\npool_size = {pool_size}\nmax_messages_per_connection = 1000000\n",
-            sandbox.username, sandbox.client_id, sandbox.client_secret, token_file.display(),
-            sandbox.smtp_addr.ip(), sandbox.smtp_addr.port(), sandbox.tls_server_name, sandbox.token_url, ca.display()
-        );
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, config).unwrap();
+        let path = write_relay_config(
+            sandbox,
+            dir.path(),
+            &RelayConfigOptions {
+                listen: addr,
+                hostname: "relay.bench",
+                pool_size,
+                server_extra: "max_connections = 2000",
+                ..RelayConfigOptions::default()
+            },
+        )
+        .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_smtp-oauth-relay"))
             .args(["run", "--config"])
             .arg(&path)

@@ -107,6 +107,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })
             .await?;
         }
+        Command::Sandbox(args) => demo::run_sandbox(args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
