@@ -284,6 +284,18 @@ impl RelayProcess {
         }
     }
 
+    /// CPU time (user + system) the relay process has used so far.
+    fn cpu_time(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the ")" that ends the command name; utime and stime are 14 and 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        let ticks = field(11) + field(12);
+        Duration::from_secs_f64(ticks as f64 / 100.0)
+    }
+
     fn peak_rss_kib(&self) -> (u64, u64) {
         let status = std::fs::read_to_string(
             Path::new("/proc")
@@ -344,11 +356,11 @@ async fn run() {
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    println!("| run | msgs/s | p50 ms | p99 ms | upstream conns opened | relay peak RSS MiB |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| run | msgs/s | p50 ms | p99 ms | upstream conns opened | relay CPU µs/msg | relay peak RSS MiB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
 
     let direct = drive_direct(&sandbox, sessions, secs, size).await;
-    println!("| direct to sandbox (limit) | {direct:.0} | | | {sessions} | |");
+    println!("| direct to sandbox (limit) | {direct:.0} | | | {sessions} | | |");
 
     let mut pooled_rate = 0.0;
     for (label, pool, mode) in [
@@ -362,13 +374,16 @@ async fn run() {
     ] {
         let before = sandbox.control.smtp_stats().connections_opened;
         let relay = RelayProcess::start(&sandbox, pool).await;
+        let cpu0 = relay.cpu_time();
         let (rate, mut lat) = drive_relay(relay.addr, sessions, secs, size, mode, None).await;
+        let cpu = relay.cpu_time() - cpu0;
         let opened = sandbox.control.smtp_stats().connections_opened - before;
         let (_, hwm) = relay.peak_rss_kib();
         println!(
-            "| {label} | {rate:.0} | {:.2} | {:.2} | {opened} | {:.1} |",
+            "| {label} | {rate:.0} | {:.2} | {:.2} | {opened} | {:.0} | {:.1} |",
             percentile(&mut lat, 0.5).as_secs_f64() * 1e3,
             percentile(&mut lat, 0.99).as_secs_f64() * 1e3,
+            cpu.as_secs_f64() * 1e6 / (rate * secs as f64).max(1.0),
             hwm as f64 / 1024.0
         );
         if pool == 4 && mode == Mode::PerMessageClient {
@@ -377,7 +392,7 @@ async fn run() {
             let (r2, mut lat2) =
                 drive_relay(relay.addr, sessions, secs, size, mode, Some(rate / 2.0)).await;
             println!(
-                "| {label}, paced at {:.0}/s | {r2:.0} | {:.2} | {:.2} | | |",
+                "| {label}, paced at {:.0}/s | {r2:.0} | {:.2} | {:.2} | | | |",
                 rate / 2.0,
                 percentile(&mut lat2, 0.5).as_secs_f64() * 1e3,
                 percentile(&mut lat2, 0.99).as_secs_f64() * 1e3
