@@ -162,11 +162,19 @@ async fn drive_relay(
     (n as f64 / elapsed, lat)
 }
 
-/// The upstream's limit: sessions that talk straight to the sandbox over their own
-/// authenticated STARTTLS connection, reused for every message.
-async fn drive_direct(sandbox: &Sandbox, sessions: usize, secs: u64, size: usize) -> f64 {
+/// Straight to the sandbox, as a client that speaks STARTTLS + XOAUTH2 itself would:
+/// with `per_message`, a new connection (TCP, STARTTLS, EHLO, AUTH) per message, as the
+/// relay's clients do; otherwise one authenticated connection per session, reused for
+/// every message (the upstream's limit).
+async fn drive_direct(
+    sandbox: &Sandbox,
+    sessions: usize,
+    secs: u64,
+    size: usize,
+    per_message: bool,
+) -> f64 {
     let tls = smtp_oauth_relay::tls::client_config_from_pem(&sandbox.ca_pem).unwrap();
-    let token = fetch_token(sandbox).await;
+    let token = Arc::new(fetch_token(sandbox).await);
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let body = Arc::new(message(size, 0));
@@ -184,27 +192,40 @@ async fn drive_direct(sandbox: &Sandbox, sessions: usize, secs: u64, size: usize
         let user = sandbox.username.clone();
         let name = sandbox.tls_server_name.clone();
         tasks.push(tokio::spawn(async move {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            s.set_nodelay(true).unwrap();
-            let mut buf = Vec::new();
-            read_replies(&mut s, &mut buf, 1).await;
-            s.write_all(b"EHLO bench\r\nSTARTTLS\r\n").await.unwrap();
-            read_replies(&mut s, &mut buf, 2).await;
-            let connector = tokio_rustls::TlsConnector::from(tls);
-            let server_name = rustls_pki_types::ServerName::try_from(name).unwrap();
-            let mut t = connector.connect(server_name, s).await.unwrap();
-            let mut buf = Vec::new();
-            use base64::Engine;
-            let auth = base64::engine::general_purpose::STANDARD
-                .encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"));
-            t.write_all(format!("EHLO bench\r\nAUTH XOAUTH2 {auth}\r\n").as_bytes())
-                .await
-                .unwrap();
-            let codes = read_replies(&mut t, &mut buf, 2).await;
-            assert_eq!(codes[1], 235, "direct session authenticated");
+            let open = || async {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.set_nodelay(true).unwrap();
+                let mut buf = Vec::new();
+                read_replies(&mut s, &mut buf, 1).await;
+                s.write_all(b"EHLO bench\r\nSTARTTLS\r\n").await.unwrap();
+                read_replies(&mut s, &mut buf, 2).await;
+                let connector = tokio_rustls::TlsConnector::from(tls.clone());
+                let server_name = rustls_pki_types::ServerName::try_from(name.clone()).unwrap();
+                let mut t = connector.connect(server_name, s).await.unwrap();
+                let mut buf = Vec::new();
+                use base64::Engine;
+                let auth = base64::engine::general_purpose::STANDARD
+                    .encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"));
+                t.write_all(format!("EHLO bench\r\nAUTH XOAUTH2 {auth}\r\n").as_bytes())
+                    .await
+                    .unwrap();
+                let codes = read_replies(&mut t, &mut buf, 2).await;
+                assert_eq!(codes[1], 235, "direct session authenticated");
+                (t, buf)
+            };
+            let mut conn = None;
             while !stop.load(Ordering::Relaxed) {
-                transaction(&mut t, &mut buf, &body).await;
+                if conn.is_none() {
+                    conn = Some(open().await);
+                }
+                let (t, buf) = conn.as_mut().unwrap();
+                transaction(t, buf, &body).await;
                 count.fetch_add(1, Ordering::Relaxed);
+                if per_message {
+                    let (mut t, mut buf) = conn.take().unwrap();
+                    t.write_all(b"QUIT\r\n").await.unwrap();
+                    read_replies(&mut t, &mut buf, 1).await;
+                }
             }
         }));
     }
@@ -359,10 +380,17 @@ async fn run() {
     println!("| run | msgs/s | p50 ms | p99 ms | upstream conns opened | relay CPU µs/msg | relay peak RSS MiB |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
 
-    let direct = drive_direct(&sandbox, sessions, secs, size).await;
-    println!("| direct to sandbox (limit) | {direct:.0} | | | {sessions} | | |");
+    let direct = drive_direct(&sandbox, sessions, secs, size, false).await;
+    println!("| direct to sandbox, sessions reuse authenticated conns (limit) | {direct:.0} | | | {sessions} | | |");
+    let before = sandbox.control.smtp_stats().connections_opened;
+    let direct_pm = drive_direct(&sandbox, sessions, secs, size, true).await;
+    let opened = sandbox.control.smtp_stats().connections_opened - before;
+    println!(
+        "| direct to sandbox, conn + STARTTLS + AUTH per msg | {direct_pm:.0} | | | {opened} | | |"
+    );
 
     let mut pooled_rate = 0.0;
+    let mut per_message_rate = 0.0;
     for (label, pool, mode) in [
         ("relay, pool 4, conn per msg", 4, Mode::PerMessageClient),
         ("relay, pool 4, client reuses conn", 4, Mode::ReuseClient),
@@ -386,6 +414,9 @@ async fn run() {
             cpu.as_secs_f64() * 1e6 / (rate * secs as f64).max(1.0),
             hwm as f64 / 1024.0
         );
+        if pool == 0 {
+            per_message_rate = rate;
+        }
         if pool == 4 && mode == Mode::PerMessageClient {
             pooled_rate = rate;
             // Latency at half the peak rate.
@@ -399,7 +430,12 @@ async fn run() {
             );
         }
     }
-    println!("\npooled / direct = {:.2}", pooled_rate / direct.max(1.0));
+    println!(
+        "\npooled (conn per msg) / direct limit = {:.2}; / direct conn per msg = {:.2}; / per-message upstream = {:.2}",
+        pooled_rate / direct.max(1.0),
+        pooled_rate / direct_pm.max(1.0),
+        pooled_rate / per_message_rate.max(1.0)
+    );
 
     // 1,000 idle client connections.
     let relay = RelayProcess::start(&sandbox, 4).await;
