@@ -54,6 +54,33 @@ pub enum Command {
         #[arg(long, default_value_t = 4)]
         pool_size: usize,
     },
+    /// The spool's queue (like mailq / postqueue / postsuper): through the running
+    /// daemon's control socket, or from the files when no daemon runs.
+    Queue {
+        /// Print JSON (for scripts) instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Every queued message: ID, age, size, sender, recipients, attempts, next attempt,
+    /// last error.
+    List,
+    /// One message: envelope, each recipient's state, and its header section.
+    Show { id: String },
+    /// Try every queued message now (the daemon must be running).
+    Flush,
+    /// Remove messages from the queue, without delivering or bouncing them.
+    Delete {
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
+    },
+    /// Spool counters: queued, in flight, commits, fsyncs per message.
+    Stats,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,0 +1,699 @@
+//! The queue's one owner task, fed by typed events (`Event`): messages the committer made
+//! durable, outcomes of delivery attempts (its own worker tasks, at most `workers` at a
+//! time), and control requests (list, show, flush, delete, stats). Nothing else touches
+//! the in-memory queue.
+//!
+//! Scheduling: each message waits for its due time in a `BTreeMap`. A message deferred by
+//! the upstream's own reply backs off on its own (`min_retry` doubling to `max_retry`,
+//! with jitter). A failure of the upstream itself (unreachable, no token, login refused)
+//! or Gmail's daily quota closes the *gate*: no message is sent, except one probe when
+//! the gate's backoff (doubling up to `probe_max`; `quota_retry` for the quota) has run
+//! out; the first probe that reaches the upstream opens the gate and the whole held queue
+//! flows again, `workers` at a time. Messages older than `max_queue_lifetime` are bounced.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::{JoinHandle, JoinSet},
+    time::{sleep_until, Instant},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::{
+    attempt::{Ctx, Done, Job, Outcome, Trouble},
+    commit::Committer,
+    control::{Request, Response},
+    store::{Location, MessageMeta, MessageState, RcptStatus, RecipientState, Recovered, Store},
+    SpoolSettings, Transport,
+};
+
+/// First probe delay after the upstream was found down; doubles up to `probe_max`.
+const PROBE_MIN: Duration = Duration::from_secs(1);
+/// Messages whose bytes stay in memory for their first attempt, in total.
+const MAX_CACHED_BYTES: usize = 64 << 20;
+/// How long attempts in flight may finish at shutdown.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Wall-clock time derived from tokio's clock, so a paused clock moves it too.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    base_ms: u64,
+    base: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock {
+            base_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            base: Instant::now(),
+        }
+    }
+
+    /// Now, in Unix milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        self.base_ms + self.base.elapsed().as_millis() as u64
+    }
+
+    /// The instant of a Unix time in milliseconds.
+    fn instant(&self, ms: u64) -> Instant {
+        let now_ms = self.now_ms();
+        let now = Instant::now();
+        if ms >= now_ms {
+            now + Duration::from_millis(ms - now_ms)
+        } else {
+            now.checked_sub(Duration::from_millis(now_ms - ms))
+                .unwrap_or(now)
+        }
+    }
+}
+
+/// A message the committer made durable.
+pub struct NewMessage {
+    pub meta: MessageMeta,
+    pub loc: Location,
+    pub data: Option<Bytes>,
+}
+
+/// Everything the owner task reacts to.
+pub enum Event {
+    Enqueued(Vec<NewMessage>),
+    Control(Request, oneshot::Sender<Response>),
+}
+
+/// One line of `queue list`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueueItem {
+    pub id: String,
+    /// Unix seconds.
+    pub arrival: u64,
+    pub age_secs: u64,
+    pub size: u64,
+    pub sender: String,
+    /// Recipients still to be delivered.
+    pub recipients: Vec<String>,
+    pub attempts: u32,
+    /// Unix seconds; `None` while an attempt is running.
+    pub next_attempt: Option<u64>,
+    pub last_error: Option<String>,
+    /// `active` (being tried), `deferred`, or `held` (upstream down or quota).
+    pub status: String,
+}
+
+/// `queue show`: the item, every recipient's state and the message's header section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShowItem {
+    pub item: QueueItem,
+    pub recipients: Vec<RecipientState>,
+    pub headers: String,
+}
+
+/// Counters (`queue stats`, shutdown log line, benchmark).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SpoolStats {
+    pub queued: usize,
+    pub in_flight: usize,
+    pub committed: u64,
+    pub batches: u64,
+    pub fsyncs: u64,
+    pub fsyncs_per_message: f64,
+    pub finished: u64,
+    pub deferrals: u64,
+    /// `up`, or why the upstream is held.
+    pub upstream: String,
+}
+
+struct Entry {
+    meta: Arc<MessageMeta>,
+    loc: Location,
+    state: MessageState,
+    data: Option<Bytes>,
+    /// Its key in the schedule, when waiting.
+    key: Option<(Instant, u64)>,
+    in_flight: bool,
+    delete_requested: bool,
+}
+
+enum Gate {
+    Open,
+    Closed {
+        until: Instant,
+        backoff: Duration,
+        why: Trouble,
+        probe: Option<String>,
+    },
+}
+
+struct Queue<T> {
+    ctx: Arc<Ctx<T>>,
+    entries: HashMap<String, Entry>,
+    schedule: BTreeMap<(Instant, u64), String>,
+    seq: u64,
+    /// Live messages per segment.
+    segments: HashMap<String, usize>,
+    workers: JoinSet<Done>,
+    running: HashMap<tokio::task::Id, String>,
+    gate: Gate,
+    cached_bytes: usize,
+    finished: u64,
+    deferrals: u64,
+}
+
+/// Starts the owner task with the recovered messages, all due now.
+#[allow(clippy::too_many_arguments)]
+pub fn start<T: Transport>(
+    settings: SpoolSettings,
+    store: Arc<Store>,
+    transport: T,
+    committer: Committer,
+    _events: mpsc::UnboundedSender<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
+    recovered: Vec<Recovered>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let ctx = Arc::new(Ctx {
+        settings,
+        store,
+        transport,
+        committer,
+        clock: Clock::new(),
+    });
+    let mut q = Queue {
+        ctx,
+        entries: HashMap::new(),
+        schedule: BTreeMap::new(),
+        seq: 0,
+        segments: HashMap::new(),
+        workers: JoinSet::new(),
+        running: HashMap::new(),
+        gate: Gate::Open,
+        cached_bytes: 0,
+        finished: 0,
+        deferrals: 0,
+    };
+    for r in recovered {
+        let mut state = r.state.unwrap_or_else(|| MessageState::new(&r.meta));
+        state.next_attempt_ms = 0;
+        q.add(r.meta, r.loc, state, None);
+    }
+    tokio::spawn(q.run(rx, stop))
+}
+
+impl<T: Transport> Queue<T> {
+    fn add(&mut self, meta: MessageMeta, loc: Location, state: MessageState, data: Option<Bytes>) {
+        if self.entries.contains_key(&meta.id) {
+            warn!(id = %meta.id, "spool: queue ID seen twice; keeping the first");
+            return;
+        }
+        *self.segments.entry(loc.segment.clone()).or_default() += 1;
+        let data = data.filter(|d| {
+            let keep = self.cached_bytes + d.len() <= MAX_CACHED_BYTES;
+            if keep {
+                self.cached_bytes += d.len();
+            }
+            keep
+        });
+        let id = meta.id.clone();
+        let due = self.ctx.clock.instant(state.next_attempt_ms);
+        self.entries.insert(
+            id.clone(),
+            Entry {
+                meta: Arc::new(meta),
+                loc,
+                state,
+                data,
+                key: None,
+                in_flight: false,
+                delete_requested: false,
+            },
+        );
+        self.schedule_at(&id, due);
+    }
+
+    fn schedule_at(&mut self, id: &str, due: Instant) {
+        let Some(e) = self.entries.get_mut(id) else {
+            return;
+        };
+        if let Some(k) = e.key.take() {
+            self.schedule.remove(&k);
+        }
+        self.seq += 1;
+        let key = (due, self.seq);
+        e.key = Some(key);
+        self.schedule.insert(key, id.to_owned());
+    }
+
+    fn expiry_ms(&self, meta: &MessageMeta) -> u64 {
+        meta.arrival_ms
+            .saturating_add(self.ctx.settings.max_queue_lifetime.as_millis() as u64)
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>, stop: CancellationToken) {
+        let sweep_every = (self.ctx.settings.max_queue_lifetime / 8)
+            .clamp(Duration::from_millis(100), Duration::from_secs(60));
+        let mut sweep = tokio::time::interval(sweep_every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.dispatch();
+            let wake = self.next_wake();
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                ev = rx.recv() => match ev {
+                    Some(Event::Enqueued(news)) => {
+                        for n in news {
+                            let state = MessageState::new(&n.meta);
+                            self.add(n.meta, n.loc, state, n.data);
+                        }
+                    }
+                    Some(Event::Control(req, reply)) => self.control(req, reply),
+                    None => break,
+                },
+                Some(joined) = self.workers.join_next_with_id(), if !self.workers.is_empty() => {
+                    match joined {
+                        Ok((tid, done)) => {
+                            self.running.remove(&tid);
+                            self.finish(done);
+                        }
+                        Err(e) => {
+                            // A worker panicked: put its message back.
+                            if let Some(id) = self.running.remove(&e.id()) {
+                                error!(%id, error = %e, "spool: delivery attempt crashed; message stays queued");
+                                if let Some(en) = self.entries.get_mut(&id) {
+                                    en.in_flight = false;
+                                }
+                                let due = Instant::now() + self.ctx.settings.max_retry;
+                                self.schedule_at(&id, due);
+                            }
+                        }
+                    }
+                }
+                _ = async { sleep_until(wake.unwrap_or_else(Instant::now)).await }, if wake.is_some() => {}
+                _ = sweep.tick() => self.sweep_expired(),
+            }
+        }
+        // Stop: let attempts in flight finish briefly; the rest stay queued on disk.
+        let grace = tokio::time::timeout(STOP_GRACE, async {
+            while let Some(j) = self.workers.join_next().await {
+                if let Ok(done) = j {
+                    self.finish(done);
+                }
+            }
+        })
+        .await;
+        if grace.is_err() {
+            warn!(in_flight = self.workers.len(), "spool: stopping with attempts still in flight; they will be retried at the next start");
+            self.workers.abort_all();
+        }
+    }
+
+    /// The next time something is due, if anything can be dispatched then.
+    fn next_wake(&self) -> Option<Instant> {
+        if self.workers.len() >= self.ctx.settings.workers {
+            return None;
+        }
+        let first = self.schedule.keys().next().map(|k| k.0)?;
+        match &self.gate {
+            Gate::Open => Some(first),
+            Gate::Closed { probe: Some(_), .. } => None,
+            Gate::Closed { until, .. } => Some(first.max(*until)),
+        }
+    }
+
+    /// Starts attempts for due messages, within the worker bound and the gate.
+    fn dispatch(&mut self) {
+        let now = Instant::now();
+        let now_ms = self.ctx.clock.now_ms();
+        while self.workers.len() < self.ctx.settings.workers {
+            let Some((&key, id)) = self.schedule.iter().next() else {
+                break;
+            };
+            if key.0 > now {
+                break;
+            }
+            let id = id.clone();
+            let expired = self
+                .entries
+                .get(&id)
+                .is_some_and(|e| now_ms >= self.expiry_ms(&e.meta));
+            if !expired {
+                match &mut self.gate {
+                    Gate::Open => {}
+                    Gate::Closed { probe: Some(_), .. } => break,
+                    Gate::Closed { until, probe, .. } => {
+                        if now < *until {
+                            break;
+                        }
+                        *probe = Some(id.clone());
+                    }
+                }
+            }
+            self.schedule.remove(&key);
+            self.spawn(&id, expired);
+        }
+    }
+
+    fn spawn(&mut self, id: &str, expire: bool) {
+        let Some(e) = self.entries.get_mut(id) else {
+            return;
+        };
+        e.key = None;
+        e.in_flight = true;
+        let data = e.data.take();
+        if let Some(d) = &data {
+            self.cached_bytes -= d.len();
+        }
+        let job = Job {
+            meta: e.meta.clone(),
+            loc: e.loc.clone(),
+            state: e.state.clone(),
+            data,
+            expire,
+        };
+        let h = self.workers.spawn(self.ctx.clone().run(job));
+        self.running.insert(h.id(), id.to_owned());
+    }
+
+    /// Bounces messages past their lifetime that are waiting (e.g. behind a closed gate).
+    fn sweep_expired(&mut self) {
+        let now_ms = self.ctx.clock.now_ms();
+        let due: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.in_flight && now_ms >= self.expiry_ms(&e.meta))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            // Expiring an attempt also runs as a worker; beyond the bound it waits.
+            if self.workers.len() >= self.ctx.settings.workers {
+                break;
+            }
+            if let Some(k) = self.entries.get_mut(&id).and_then(|e| e.key.take()) {
+                self.schedule.remove(&k);
+            }
+            self.spawn(&id, true);
+        }
+    }
+
+    fn finish(&mut self, done: Done) {
+        let Done {
+            id,
+            outcome,
+            upstream_ok,
+        } = done;
+        // The upstream's health, from this attempt.
+        let was_probe = matches!(&self.gate, Gate::Closed { probe: Some(p), .. } if *p == id);
+        match (&outcome, upstream_ok) {
+            (
+                Outcome::Deferred {
+                    trouble: Some(t), ..
+                },
+                _,
+            ) => self.close_gate(t.clone(), was_probe),
+            (_, true) => {
+                if !matches!(self.gate, Gate::Open) {
+                    info!("spool: upstream reachable again; releasing the held queue");
+                }
+                self.gate = Gate::Open;
+            }
+            _ => {
+                if was_probe {
+                    if let Gate::Closed { probe, .. } = &mut self.gate {
+                        *probe = None;
+                    }
+                }
+            }
+        }
+        let Some(entry) = self.entries.get_mut(&id) else {
+            return;
+        };
+        entry.in_flight = false;
+        match outcome {
+            Outcome::Finished => {
+                self.finished += 1;
+                self.remove(&id, false);
+            }
+            Outcome::Deferred {
+                state, retry_in, ..
+            } => {
+                self.deferrals += 1;
+                entry.state = state;
+                if entry.delete_requested {
+                    self.remove(&id, true);
+                    return;
+                }
+                let due = Instant::now() + retry_in.unwrap_or(Duration::ZERO);
+                self.schedule_at(&id, due);
+            }
+        }
+    }
+
+    fn close_gate(&mut self, why: Trouble, was_probe: bool) {
+        let quota = matches!(why, Trouble::Quota(_));
+        let s = &self.ctx.settings;
+        let now = Instant::now();
+        match &mut self.gate {
+            Gate::Open => {
+                let backoff = if quota { s.quota_retry } else { PROBE_MIN };
+                warn!(reason = ?why, probe_in = ?backoff, "spool: upstream unavailable; holding the queue and probing");
+                self.gate = Gate::Closed {
+                    until: now + backoff,
+                    backoff,
+                    why,
+                    probe: None,
+                };
+            }
+            Gate::Closed {
+                until,
+                backoff,
+                why: w,
+                probe,
+            } => {
+                if was_probe {
+                    *backoff = if quota {
+                        s.quota_retry
+                    } else {
+                        (*backoff * 2).min(s.probe_max)
+                    };
+                    *until = now + *backoff;
+                    *probe = None;
+                    *w = why;
+                    info!(reason = ?w, next_probe = ?*backoff, "spool: upstream probe failed");
+                }
+            }
+        }
+    }
+
+    /// Drops a message from the queue; `mark` records it as done on disk (a delete; a
+    /// finished attempt has done so already). Removes its segment when it was the last.
+    fn remove(&mut self, id: &str, mark: bool) {
+        let Some(e) = self.entries.remove(id) else {
+            return;
+        };
+        if let Some(k) = e.key {
+            self.schedule.remove(&k);
+        }
+        if let Some(d) = &e.data {
+            self.cached_bytes -= d.len();
+        }
+        let seg = e.loc.segment.clone();
+        let last = match self.segments.get_mut(&seg) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                self.segments.remove(&seg);
+                true
+            }
+        };
+        if mark || last {
+            let store = self.ctx.store.clone();
+            let id = id.to_owned();
+            // Ordered on one blocking thread: mark, then remove the segment.
+            tokio::task::spawn_blocking(move || {
+                if mark {
+                    if let Err(e) = store.mark_done(&seg, &id) {
+                        warn!(%id, error = %e, "spool: cannot record a deleted message as done");
+                    }
+                }
+                if last {
+                    store.remove_segment(&seg);
+                }
+            });
+        }
+    }
+
+    fn item(&self, e: &Entry) -> QueueItem {
+        let now_ms = self.ctx.clock.now_ms();
+        let held = matches!(self.gate, Gate::Closed { .. });
+        QueueItem {
+            id: e.meta.id.clone(),
+            arrival: e.meta.arrival_ms / 1000,
+            age_secs: now_ms.saturating_sub(e.meta.arrival_ms) / 1000,
+            size: e.loc.len,
+            sender: e.meta.sender.clone(),
+            recipients: e.state.pending().map(|r| r.address.clone()).collect(),
+            attempts: e.state.attempts,
+            next_attempt: (!e.in_flight).then(|| {
+                let due = e
+                    .key
+                    .map(|k| k.0)
+                    .unwrap_or_else(Instant::now)
+                    .saturating_duration_since(Instant::now());
+                (now_ms + due.as_millis() as u64) / 1000
+            }),
+            last_error: e.state.last_error.clone(),
+            status: if e.in_flight {
+                "active"
+            } else if held && e.state.attempts > 0 {
+                "held"
+            } else {
+                "deferred"
+            }
+            .to_owned(),
+        }
+    }
+
+    fn stats(&self) -> SpoolStats {
+        let c = &self.ctx.store.counters;
+        let committed = c.committed.load(Ordering::Relaxed);
+        let fsyncs = c.fsyncs.load(Ordering::Relaxed);
+        SpoolStats {
+            queued: self.entries.len(),
+            in_flight: self.workers.len(),
+            committed,
+            batches: c.batches.load(Ordering::Relaxed),
+            fsyncs,
+            fsyncs_per_message: fsyncs as f64 / committed.max(1) as f64,
+            finished: self.finished,
+            deferrals: self.deferrals,
+            upstream: match &self.gate {
+                Gate::Open => "up".into(),
+                Gate::Closed { why, .. } => format!("held: {why:?}"),
+            },
+        }
+    }
+
+    fn control(&mut self, req: Request, reply: oneshot::Sender<Response>) {
+        let resp = match req {
+            Request::List => {
+                let mut items: Vec<QueueItem> =
+                    self.entries.values().map(|e| self.item(e)).collect();
+                items.sort_by(|a, b| (a.arrival, &a.id).cmp(&(b.arrival, &b.id)));
+                Response::Items(items)
+            }
+            Request::Stats => Response::Stats(self.stats()),
+            Request::Flush => {
+                let now = Instant::now();
+                let ids: Vec<String> = self
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| !e.in_flight)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in &ids {
+                    self.schedule_at(id, now);
+                }
+                self.gate = Gate::Open;
+                info!(
+                    messages = ids.len(),
+                    "spool: flush requested; trying every message now"
+                );
+                Response::Flushed { count: ids.len() }
+            }
+            Request::Delete { ids } => {
+                let (mut deleted, mut missing) = (Vec::new(), Vec::new());
+                for id in ids {
+                    match self.entries.get_mut(&id) {
+                        Some(e) if e.in_flight => {
+                            e.delete_requested = true;
+                            deleted.push(id);
+                        }
+                        Some(_) => {
+                            self.remove(&id, true);
+                            deleted.push(id);
+                        }
+                        None => missing.push(id),
+                    }
+                }
+                if !deleted.is_empty() {
+                    info!(ids = ?deleted, "spool: messages deleted from the queue");
+                }
+                Response::Deleted { deleted, missing }
+            }
+            Request::Show { id } => {
+                let Some(e) = self.entries.get(&id) else {
+                    let _ = reply.send(Response::Error {
+                        message: format!("no message {id} in the queue"),
+                    });
+                    return;
+                };
+                let item = self.item(e);
+                let recipients = e.state.recipients.clone();
+                let loc = e.loc.clone();
+                let store = self.ctx.store.clone();
+                tokio::task::spawn_blocking(move || {
+                    let headers = store
+                        .read_data(&loc)
+                        .map(|d| {
+                            String::from_utf8_lossy(crate::dsn::header_section(&d)).into_owned()
+                        })
+                        .unwrap_or_else(|e| format!("(cannot read the message: {e})"));
+                    let _ = reply.send(Response::Show(Box::new(ShowItem {
+                        item,
+                        recipients,
+                        headers,
+                    })));
+                });
+                return;
+            }
+        };
+        let _ = reply.send(resp);
+    }
+}
+
+/// `queue list` from the files, for when no daemon runs.
+pub fn offline_items(store: &Store) -> Result<Vec<QueueItem>, super::SpoolError> {
+    let now_ms = Clock::new().now_ms();
+    let mut items: Vec<QueueItem> = store
+        .scan_readonly()?
+        .into_iter()
+        .map(|r| offline_item(&r, now_ms))
+        .collect();
+    items.sort_by(|a, b| (a.arrival, &a.id).cmp(&(b.arrival, &b.id)));
+    Ok(items)
+}
+
+pub fn offline_item(r: &Recovered, now_ms: u64) -> QueueItem {
+    let state = r
+        .state
+        .clone()
+        .unwrap_or_else(|| MessageState::new(&r.meta));
+    QueueItem {
+        id: r.meta.id.clone(),
+        arrival: r.meta.arrival_ms / 1000,
+        age_secs: now_ms.saturating_sub(r.meta.arrival_ms) / 1000,
+        size: r.loc.len,
+        sender: r.meta.sender.clone(),
+        recipients: state
+            .recipients
+            .iter()
+            .filter(|x| x.status == RcptStatus::Pending)
+            .map(|x| x.address.clone())
+            .collect(),
+        attempts: state.attempts,
+        next_attempt: None,
+        last_error: state.last_error.clone(),
+        status: "stopped".into(),
+    }
+}
