@@ -44,7 +44,9 @@ pub enum Request {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Response {
-    Items(Vec<QueueItem>),
+    Items {
+        items: Vec<QueueItem>,
+    },
     Show(Box<ShowItem>),
     Flushed {
         count: usize,
@@ -173,7 +175,9 @@ pub fn offline(dir: &Path, req: &Request) -> Result<Response, SpoolError> {
     })?;
     let now_ms = super::queue::Clock::new().now_ms();
     Ok(match req {
-        Request::List => Response::Items(offline_items(&store)?),
+        Request::List => Response::Items {
+            items: offline_items(&store)?,
+        },
         Request::Stats => Response::Error {
             message: "no relay is running on this spool".into(),
         },
@@ -251,8 +255,8 @@ fn age(secs: u64) -> String {
 pub fn render(resp: &Response) -> String {
     let mut out = String::new();
     match resp {
-        Response::Items(items) if items.is_empty() => out.push_str("Mail queue is empty\n"),
-        Response::Items(items) => {
+        Response::Items { items } if items.is_empty() => out.push_str("Mail queue is empty\n"),
+        Response::Items { items } => {
             out.push_str(&format!(
                 "{:<16} {:>5} {:>9} {:>4} {:<19} {:<8} SENDER / RECIPIENTS\n",
                 "ID", "AGE", "SIZE", "TRY", "NEXT ATTEMPT", "STATUS"

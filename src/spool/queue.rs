@@ -590,7 +590,7 @@ impl<T: Transport> Queue<T> {
                 let mut items: Vec<QueueItem> =
                     self.entries.values().map(|e| self.item(e)).collect();
                 items.sort_by(|a, b| (a.arrival, &a.id).cmp(&(b.arrival, &b.id)));
-                Response::Items(items)
+                Response::Items { items }
             }
             Request::Stats => Response::Stats(self.stats()),
             Request::Flush => {

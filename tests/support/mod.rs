@@ -12,7 +12,11 @@ use std::{
 };
 
 pub use smtp_oauth_relay::sandbox::{Sandbox, SandboxControl, SandboxOptions};
-use smtp_oauth_relay::{config::Config, daemon::Daemon};
+use smtp_oauth_relay::{
+    config::Config,
+    daemon::{Daemon, DaemonHooks},
+    spool::SpoolWriter,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -70,6 +74,13 @@ pub struct Setup {
     pub account_extra: String,
     /// Run this on the sandbox before the relay starts (revoke, inject failures…).
     pub before_start: Option<BeforeStart>,
+    /// `Some(extra keys)`: a `[spool]` table with `dir = <tempdir>/spool` and these lines.
+    pub spool: Option<String>,
+    /// The spool's writer (e.g. one that fails like a full disk).
+    pub spool_writer: Option<Box<dyn SpoolWriter>>,
+    /// `Some(up)`: put a switchable TCP proxy between the relay and the fake Gmail,
+    /// initially up or down.
+    pub proxy: Option<bool>,
 }
 
 impl Default for Setup {
@@ -82,6 +93,9 @@ impl Default for Setup {
             refresh_margin_secs: 300,
             account_extra: String::new(),
             before_start: None,
+            spool: None,
+            spool_writer: None,
+            proxy: None,
         }
     }
 }
@@ -94,6 +108,8 @@ pub struct Harness {
     pub token_file: PathBuf,
     pub config_text: String,
     pub dir: tempfile::TempDir,
+    /// The proxy in front of the fake Gmail, with `Setup::proxy`.
+    pub proxy: Option<Proxy>,
 }
 
 impl Harness {
@@ -123,6 +139,25 @@ impl Harness {
         .unwrap();
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, &sandbox.ca_pem).unwrap();
+        let proxy = match setup.proxy {
+            Some(up) => {
+                let p = Proxy::start(sandbox.smtp_addr).await;
+                p.set_up(up);
+                Some(p)
+            }
+            None => None,
+        };
+        let smtp_addr = proxy.as_ref().map_or(sandbox.smtp_addr, |p| p.addr);
+        let spool = setup
+            .spool
+            .as_ref()
+            .map(|extra| {
+                format!(
+                    "\n[spool]\ndir = \"{}\"\n{extra}\n",
+                    dir.path().join("spool").display()
+                )
+            })
+            .unwrap_or_default();
         let config_text = format!(
             r#"
 [server]
@@ -145,25 +180,34 @@ ca_file = "{ca_file}"
 pool_size = {pool}
 refresh_margin_secs = {margin}
 {extra}
+{spool}
 "#,
             max_size = setup.max_message_size,
             user = sandbox.username,
             client_id = sandbox.client_id,
             client_secret = sandbox.client_secret,
             token_file = token_file.display(),
-            ip = sandbox.smtp_addr.ip(),
-            port = sandbox.smtp_addr.port(),
+            ip = smtp_addr.ip(),
+            port = smtp_addr.port(),
             tls_name = sandbox.tls_server_name,
             token_url = sandbox.token_url,
             ca_file = ca_file.display(),
             pool = setup.pool_size,
             margin = setup.refresh_margin_secs,
             extra = setup.account_extra,
+            spool = spool,
         );
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, &config_text).unwrap();
         let config = Config::load(&config_path).expect("test config is valid");
-        let daemon = Daemon::start(config).await.expect("relay starts");
+        let daemon = Daemon::start_with(
+            config,
+            DaemonHooks {
+                spool_writer: setup.spool_writer,
+            },
+        )
+        .await
+        .expect("relay starts");
         let addr = daemon.local_addrs[0];
         Harness {
             sandbox,
@@ -172,7 +216,30 @@ refresh_margin_secs = {margin}
             token_file,
             config_text,
             dir,
+            proxy,
         }
+    }
+
+    /// The config file the relay runs on.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// The `[spool]` directory (with `Setup::spool`).
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    /// Stops the relay (as SIGTERM would) and starts it again on the same config; the
+    /// listening address changes.
+    pub async fn restart(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await;
+        }
+        let config = Config::load(&self.config_path()).expect("test config is valid");
+        let daemon = Daemon::start(config).await.expect("relay restarts");
+        self.addr = daemon.local_addrs[0];
+        self.daemon = Some(daemon);
     }
 
     pub fn control(&self) -> &SandboxControl {
@@ -344,4 +411,55 @@ pub fn strip_received(data: &[u8]) -> &[u8] {
         }
     }
     panic!("unterminated Received header");
+}
+
+/// A TCP proxy that can be switched off: then it closes every connection it carries and
+/// closes new ones at once (the upstream is "down").
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    generation: Arc<Mutex<tokio_util::sync::CancellationToken>>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let generation = Arc::new(Mutex::new(tokio_util::sync::CancellationToken::new()));
+        let (up2, gen2) = (up.clone(), generation.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up2.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let cancel = gen2.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            up,
+            generation,
+        }
+    }
+
+    /// Up: connections pass. Down: existing ones are cut, new ones closed at once.
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            let mut g = self.generation.lock().unwrap();
+            g.cancel();
+            *g = tokio_util::sync::CancellationToken::new();
+        }
+    }
 }
