@@ -729,6 +729,16 @@ async fn kill_9_under_load_loses_no_acknowledged_message() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     child.kill9();
+    let got = delivered_ids(&h.control().messages());
+    let dups = acked
+        .iter()
+        .filter(|m| got.get(*m).is_some_and(|&n| n > 1))
+        .count();
+    eprintln!(
+        "kill -9 loop: {} acknowledged, {} delivered (unique), {dups} delivered twice",
+        acked.len(),
+        got.len()
+    );
     assert!(
         missing.is_empty(),
         "{} of {} acknowledged messages lost: {:?}",

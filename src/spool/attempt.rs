@@ -247,7 +247,10 @@ impl<T: Transport> Ctx<T> {
             }
         };
         let pending: Vec<String> = state.pending().map(|r| r.address.clone()).collect();
-        let (verdicts, trouble, upstream_ok) = if job.expire {
+        let (verdicts, trouble, upstream_ok) = if pending.is_empty() {
+            // Every recipient was settled before a crash kept it from being marked done.
+            (Vec::new(), None, false)
+        } else if job.expire {
             let v = state
                 .pending()
                 .map(|r| {

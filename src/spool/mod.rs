@@ -171,7 +171,6 @@ impl Spool {
             store.clone(),
             transport,
             committer.clone(),
-            events.clone(),
             events_rx,
             recovery.messages,
             stop.clone(),

@@ -176,7 +176,6 @@ pub fn start<T: Transport>(
     store: Arc<Store>,
     transport: T,
     committer: Committer,
-    _events: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
     recovered: Vec<Recovered>,
     stop: CancellationToken,
@@ -695,5 +694,142 @@ pub fn offline_item(r: &Recovered, now_ms: u64) -> QueueItem {
         next_attempt: None,
         last_error: state.last_error.clone(),
         status: "stopped".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{
+        envelope::{Envelope, Message},
+        reply::Reply,
+        spool::{commit, store::DiskWriter},
+        upstream::{RecipientOutcome, SendReport, UpstreamError},
+    };
+
+    type Sent = Vec<(Envelope, Vec<u8>)>;
+
+    /// Defers every message with 451, except bounces (null sender), which it accepts.
+    #[derive(Clone, Default)]
+    struct Deferring {
+        seen: Arc<Mutex<Sent>>,
+    }
+
+    impl Transport for Deferring {
+        async fn send(&self, env: &Envelope, data: &[u8]) -> Result<SendReport, UpstreamError> {
+            self.seen.lock().unwrap().push((env.clone(), data.to_vec()));
+            let ok = env.sender.is_empty();
+            let reply = if ok {
+                Reply::new(250, [2, 1, 5], "OK")
+            } else {
+                Reply::new(451, [4, 3, 0], "Mail server temporarily rejected message.")
+            };
+            Ok(SendReport {
+                recipients: env
+                    .recipients
+                    .iter()
+                    .map(|a| RecipientOutcome {
+                        address: a.clone(),
+                        reply: reply.clone(),
+                        accepted: ok,
+                    })
+                    .collect(),
+                data: ok.then(|| Reply::new(250, [2, 0, 0], "OK")),
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deferred_message_expires_after_its_lifetime_with_a_dsn() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::new(dir.path().to_owned(), Box::new(DiskWriter)));
+        store.create_dirs().unwrap();
+        let settings = SpoolSettings {
+            dir: dir.path().to_owned(),
+            max_queue_lifetime: Duration::from_secs(3600),
+            min_retry: Duration::from_secs(60),
+            max_retry: Duration::from_secs(3600),
+            workers: 2,
+            probe_max: Duration::from_secs(60),
+            quota_retry: Duration::from_secs(3600),
+            hostname: "relay.test".into(),
+            upstream_host: "smtp.example".into(),
+        };
+        let fake = Deferring::default();
+        let (events, rx) = mpsc::unbounded_channel();
+        let (committer, _ctask) = commit::start(store.clone(), events.clone());
+        let stop = CancellationToken::new();
+        let owner = start(
+            settings,
+            store.clone(),
+            fake.clone(),
+            committer.clone(),
+            rx,
+            Vec::new(),
+            stop.clone(),
+        );
+        let t0 = Instant::now();
+        committer
+            .commit(Message {
+                id: "EXPIRE1".into(),
+                envelope: Envelope {
+                    sender: "app@example.com".into(),
+                    recipients: vec!["slow@example.org".into()],
+                    ..Envelope::default()
+                },
+                data: Bytes::from_static(b"Subject: slow\r\n\r\nbody\r\n"),
+            })
+            .await
+            .unwrap();
+        let dsn = loop {
+            let found = fake
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(e, _)| e.sender.is_empty())
+                .cloned();
+            if let Some(d) = found {
+                break d;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(3 * 3600),
+                "no DSN after 3 h"
+            );
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        };
+        let elapsed = t0.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(3600),
+            "not before the lifetime: {elapsed:?}"
+        );
+        assert!(
+            elapsed < Duration::from_secs(3600 + 120),
+            "soon after it: {elapsed:?}"
+        );
+        let attempts = fake
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(e, _)| !e.sender.is_empty())
+            .count();
+        // 1 min doubling (±25 %): about 7 tries in an hour, the last one at expiry.
+        assert!((5..=9).contains(&attempts), "{attempts} attempts");
+        assert_eq!(dsn.0.recipients, vec!["app@example.com".to_string()]);
+        let text = String::from_utf8_lossy(&dsn.1);
+        assert!(text.contains("deferred them for 1 hour(s)"), "{text}");
+        assert!(
+            text.contains(&format!("over\r\n{attempts} attempt(s)")),
+            "{text}"
+        );
+        assert!(text.contains("Final-Recipient: rfc822; slow@example.org"));
+        assert!(text.contains("Status: 4.3.0"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(dir.path().join("failed/EXPIRE1.eml").exists());
+        stop.cancel();
+        owner.await.unwrap();
     }
 }

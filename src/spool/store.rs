@@ -21,7 +21,7 @@
 //! for messages that were deferred or partly delivered.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     fs::{self, File, OpenOptions},
     io::{self, Read, Seek, SeekFrom, Write},
     os::unix::fs::{DirBuilderExt, OpenOptionsExt},
@@ -710,15 +710,6 @@ impl Store {
             }
         }
         Ok(r)
-    }
-
-    /// The state of every message, for `queue list` without a daemon.
-    pub fn live_index(&self) -> Result<HashMap<String, Recovered>, SpoolError> {
-        Ok(self
-            .scan_readonly()?
-            .into_iter()
-            .map(|m| (m.meta.id.clone(), m))
-            .collect())
     }
 }
 
