@@ -7,10 +7,14 @@
 //!   pooled     — through the relay, pool on, one client connection per message
 //!                (like Postfix's smtp-source);
 //!   pooled-reuse — through the relay, clients reuse their connection;
-//!   per-message — through the relay with pool_size = 0.
+//!   per-message — through the relay with pool_size = 0;
+//!   spool      — through the relay with `[spool]`: every 250 follows a durable (fsynced)
+//!                write; the fsyncs per message come from the spool's own counter, read
+//!                over its control socket.
 //! Then 1,000 idle client connections for the RSS figure.
 //!
-//! Run: `cargo bench --bench throughput` (env BENCH_SECS, BENCH_SESSIONS, BENCH_SIZE).
+//! Run: `cargo bench --bench throughput` (env BENCH_SECS, BENCH_SESSIONS, BENCH_SIZE;
+//! BENCH_RUNS=direct,pooled,spool,idle to pick runs).
 
 use std::{
     net::SocketAddr,
@@ -235,11 +239,17 @@ async fn fetch_token(sandbox: &Sandbox) -> String {
 struct RelayProcess {
     child: Child,
     addr: SocketAddr,
+    /// The spool directory, when started with one.
+    spool: Option<std::path::PathBuf>,
     _dir: tempfile::TempDir,
 }
 
 impl RelayProcess {
     async fn start(sandbox: &Sandbox, pool_size: usize) -> RelayProcess {
+        RelayProcess::start_with(sandbox, pool_size, false).await
+    }
+
+    async fn start_with(sandbox: &Sandbox, pool_size: usize, spool: bool) -> RelayProcess {
         let dir = tempfile::tempdir().unwrap();
         let token_file = dir.path().join("token.json");
         std::fs::write(
@@ -267,6 +277,11 @@ impl RelayProcess {
             sandbox.username, sandbox.client_id, sandbox.client_secret, token_file.display(),
             sandbox.smtp_addr.ip(), sandbox.smtp_addr.port(), sandbox.tls_server_name, sandbox.token_url, ca.display()
         );
+        let spool_dir = spool.then(|| dir.path().join("spool"));
+        let config = match &spool_dir {
+            Some(d) => format!("{config}\n[spool]\ndir = \"{}\"\n", d.display()),
+            None => config,
+        };
         let path = dir.path().join("config.toml");
         std::fs::write(&path, config).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_smtp-oauth-relay"))
@@ -287,6 +302,7 @@ impl RelayProcess {
         RelayProcess {
             child,
             addr,
+            spool: spool_dir,
             _dir: dir,
         }
     }
@@ -354,19 +370,78 @@ async fn run() {
     println!("| run | msgs/s | p50 ms | p99 ms | upstream conns opened | relay peak RSS MiB |");
     println!("|---|---:|---:|---:|---:|---:|");
 
-    let direct = drive_direct(&sandbox, sessions, secs, size).await;
-    println!("| direct to sandbox (limit) | {direct:.0} | | | {sessions} | |");
+    let runs = std::env::var("BENCH_RUNS").unwrap_or_else(|_| "direct,pooled,spool,idle".into());
+    let want = |r: &str| runs.split(',').any(|x| x.trim() == r);
+
+    let direct = if want("direct") {
+        let direct = drive_direct(&sandbox, sessions, secs, size).await;
+        println!("| direct to sandbox (limit) | {direct:.0} | | | {sessions} | |");
+        direct
+    } else {
+        0.0
+    };
+
+    let mut spool_note = None;
+    if want("spool") {
+        sandbox.control.set_keep_messages(false);
+        let before = sandbox.control.smtp_stats();
+        let relay = RelayProcess::start_with(&sandbox, 4, true).await;
+        let (rate, mut lat) = drive_relay(
+            relay.addr,
+            sessions,
+            secs,
+            size,
+            Mode::PerMessageClient,
+            None,
+        )
+        .await;
+        let (_, hwm) = relay.peak_rss_kib();
+        println!(
+            "| relay + spool (fsync before 250), pool 4, conn per msg | {rate:.0} | {:.2} | {:.2} | {} | {:.1} |",
+            percentile(&mut lat, 0.5).as_secs_f64() * 1e3,
+            percentile(&mut lat, 0.99).as_secs_f64() * 1e3,
+            sandbox.control.smtp_stats().connections_opened - before.connections_opened,
+            hwm as f64 / 1024.0
+        );
+        let dir = relay.spool.clone().unwrap();
+        let stats = tokio::task::spawn_blocking(move || {
+            smtp_oauth_relay::spool::control::request(
+                &dir,
+                &smtp_oauth_relay::spool::control::Request::Stats,
+            )
+        })
+        .await
+        .unwrap();
+        if let Ok(Some(smtp_oauth_relay::spool::control::Response::Stats(s))) = stats {
+            spool_note = Some(format!(
+                "spool: {} messages committed in {} batches, {} fsyncs = {:.3} fsyncs per message ({:.1} messages per batch); delivered upstream during the run: {}, still queued: {}",
+                s.committed,
+                s.batches,
+                s.fsyncs,
+                s.fsyncs_per_message,
+                s.committed as f64 / s.batches.max(1) as f64,
+                sandbox.control.smtp_stats().messages - before.messages,
+                s.queued
+            ));
+        }
+        sandbox.control.set_keep_messages(true);
+    }
 
     let mut pooled_rate = 0.0;
-    for (label, pool, mode) in [
-        ("relay, pool 4, conn per msg", 4, Mode::PerMessageClient),
-        ("relay, pool 4, client reuses conn", 4, Mode::ReuseClient),
-        (
-            "relay, pool 0 (per-message upstream)",
-            0,
-            Mode::PerMessageClient,
-        ),
-    ] {
+    let pooled_runs = if want("pooled") {
+        vec![
+            ("relay, pool 4, conn per msg", 4, Mode::PerMessageClient),
+            ("relay, pool 4, client reuses conn", 4, Mode::ReuseClient),
+            (
+                "relay, pool 0 (per-message upstream)",
+                0,
+                Mode::PerMessageClient,
+            ),
+        ]
+    } else {
+        Vec::new()
+    };
+    for (label, pool, mode) in pooled_runs {
         let before = sandbox.control.smtp_stats().connections_opened;
         let relay = RelayProcess::start(&sandbox, pool).await;
         let (rate, mut lat) = drive_relay(relay.addr, sessions, secs, size, mode, None).await;
@@ -391,7 +466,15 @@ async fn run() {
             );
         }
     }
-    println!("\npooled / direct = {:.2}", pooled_rate / direct.max(1.0));
+    if let Some(n) = spool_note {
+        println!("\n{n}");
+    }
+    if want("pooled") && want("direct") {
+        println!("\npooled / direct = {:.2}", pooled_rate / direct.max(1.0));
+    }
+    if !want("idle") {
+        return;
+    }
 
     // 1,000 idle client connections.
     let relay = RelayProcess::start(&sandbox, 4).await;
