@@ -51,6 +51,13 @@ fn delivered_ids(msgs: &[ReceivedMessage]) -> HashMap<String, usize> {
     m
 }
 
+/// One message from app@example.com on a new session; the reply to its final dot.
+async fn send(addr: SocketAddr, mid: &str, to: &[&str], body: &str) -> support::Reply {
+    let mut c = Client::ehlo(addr).await;
+    c.send_mail("app@example.com", to, &message(mid, body))
+        .await
+}
+
 fn queue_id(reply: &support::Reply) -> String {
     let t = reply.text();
     t.rsplit(' ').next().unwrap().to_owned()
@@ -98,14 +105,7 @@ fn queue_files(dir: &Path, sub: &str, ext: &str) -> Vec<PathBuf> {
 async fn queued_then_delivered_once() {
     let h = Harness::start(spool_setup()).await;
     h.token_ready().await;
-    let mut c = Client::ehlo(h.addr).await;
-    let r = c
-        .send_mail(
-            "app@example.com",
-            &["you@example.com"],
-            &message("q-1", "hi\r\n"),
-        )
-        .await;
+    let r = send(h.addr, "q-1", &["you@example.com"], "hi\r\n").await;
     assert_eq!(r.code, 250, "{r}");
     assert!(r.text().starts_with("2.0.0 Ok: queued as "), "{r}");
     let id = queue_id(&r);
@@ -136,14 +136,13 @@ async fn upstream_down_then_up_delivers_all_once() {
     h.token_ready().await;
     let mut ids = Vec::new();
     for i in 0..6 {
-        let mut c = Client::ehlo(h.addr).await;
-        let r = c
-            .send_mail(
-                "app@example.com",
-                &["you@example.com"],
-                &message(&format!("down-{i}"), "queued while down\r\n"),
-            )
-            .await;
+        let r = send(
+            h.addr,
+            &format!("down-{i}"),
+            &["you@example.com"],
+            "queued while down\r\n",
+        )
+        .await;
         assert_eq!(r.code, 250, "accepted while the upstream is down: {r}");
         ids.push(queue_id(&r));
     }
@@ -194,14 +193,7 @@ async fn transient_refusal_is_retried() {
         "DATA-END",
         SmtpReply::new(451, [4, 3, 0], "Mail server temporarily rejected message."),
     );
-    let mut c = Client::ehlo(h.addr).await;
-    let r = c
-        .send_mail(
-            "app@example.com",
-            &["you@example.com"],
-            &message("t-1", "x\r\n"),
-        )
-        .await;
+    let r = send(h.addr, "t-1", &["you@example.com"], "x\r\n").await;
     assert_eq!(r.code, 250, "{r}");
     let id = queue_id(&r);
     let msgs = h
@@ -231,14 +223,13 @@ async fn permanent_refusal_bounces_with_a_dsn() {
     h.token_ready().await;
     h.control()
         .refuse_recipient("nobody@example.org", gmail_no_such_user());
-    let mut c = Client::ehlo(h.addr).await;
-    let r = c
-        .send_mail(
-            "app@example.com",
-            &["you@example.com", "nobody@example.org"],
-            &message("b-1", "secret body\r\n"),
-        )
-        .await;
+    let r = send(
+        h.addr,
+        "b-1",
+        &["you@example.com", "nobody@example.org"],
+        "secret body\r\n",
+    )
+    .await;
     assert_eq!(r.code, 250, "{r}");
     let id = queue_id(&r);
     let msgs = h
@@ -279,6 +270,19 @@ async fn permanent_refusal_bounces_with_a_dsn() {
         "{why}"
     );
     // A bounce is never bounced: a refused null-sender message only goes to failed/.
+    let mut c = Client::ehlo(h.addr).await;
+    let r = c
+        .send_mail("", &["nobody@example.org"], &message("b-2", "x\r\n"))
+        .await;
+    assert_eq!(r.code, 250, "{r}");
+    let id2 = queue_id(&r);
+    wait_until("null-sender message kept in failed/", 10, || {
+        failed.join(format!("{id2}.eml")).exists()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.control().messages().len(), 2, "no bounce for <>");
+    assert!(logs().contains("no bounce to the null sender"));
     h.stop().await;
 }
 
@@ -288,14 +292,7 @@ async fn daily_quota_defers_instead_of_bouncing() {
     h.token_ready().await;
     h.control()
         .inject_reply("MAIL", gmail_daily_quota_exceeded());
-    let mut c = Client::ehlo(h.addr).await;
-    let r = c
-        .send_mail(
-            "app@example.com",
-            &["you@example.com"],
-            &message("quota-1", "x\r\n"),
-        )
-        .await;
+    let r = send(h.addr, "quota-1", &["you@example.com"], "x\r\n").await;
     assert_eq!(r.code, 250, "{r}");
     let msgs = h
         .control()
@@ -323,14 +320,7 @@ async fn damaged_queue_file_is_moved_aside_and_others_delivered() {
     .await;
     h.token_ready().await;
     for i in 0..3 {
-        let mut c = Client::ehlo(h.addr).await;
-        let r = c
-            .send_mail(
-                "app@example.com",
-                &["you@example.com"],
-                &message(&format!("c-{i}"), "body\r\n"),
-            )
-            .await;
+        let r = send(h.addr, &format!("c-{i}"), &["you@example.com"], "body\r\n").await;
         assert_eq!(r.code, 250, "{r}");
     }
     let dir = h.spool_dir();
@@ -462,14 +452,13 @@ async fn queue_cli_through_the_daemon_and_without_it() {
     h.token_ready().await;
     let mut ids = Vec::new();
     for i in 0..3 {
-        let mut c = Client::ehlo(h.addr).await;
-        let r = c
-            .send_mail(
-                "app@example.com",
-                &["you@example.com", "other@example.com"],
-                &message(&format!("cli-{i}"), "x\r\n"),
-            )
-            .await;
+        let r = send(
+            h.addr,
+            &format!("cli-{i}"),
+            &["you@example.com", "other@example.com"],
+            "x\r\n",
+        )
+        .await;
         assert_eq!(r.code, 250, "{r}");
         ids.push(queue_id(&r));
     }
@@ -746,5 +735,75 @@ async fn kill_9_under_load_loses_no_acknowledged_message() {
         acked.len(),
         &missing[..missing.len().min(10)]
     );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_with_the_recipients_still_pending() {
+    let mut h = Harness::start(Setup {
+        spool: Some("min_retry_secs = 600\n".into()),
+        ..Setup::default()
+    })
+    .await;
+    h.token_ready().await;
+    h.control().refuse_recipient(
+        "later@example.org",
+        SmtpReply::new(
+            450,
+            [4, 2, 1],
+            "The user you are trying to contact is receiving mail too quickly.",
+        ),
+    );
+    let r = send(
+        h.addr,
+        "r-1",
+        &["now@example.org", "later@example.org"],
+        "x\r\n",
+    )
+    .await;
+    assert_eq!(r.code, 250, "{r}");
+    let id = queue_id(&r);
+    let msgs = h
+        .control()
+        .wait_for_messages(1, Duration::from_secs(10))
+        .await;
+    assert_eq!(msgs[0].rcpt_to, vec!["now@example.org".to_string()]);
+    let dir = h.spool_dir();
+    wait_until("state saved", 10, || {
+        dir.join("queue").join(format!("{id}.state")).exists()
+    })
+    .await;
+    let items = list(&dir).await;
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].recipients, vec!["later@example.org".to_string()]);
+    assert_eq!(items[0].attempts, 1);
+    assert!(
+        items[0]
+            .next_attempt
+            .is_some_and(|t| t > items[0].arrival + 300),
+        "{items:?}"
+    );
+    assert!(
+        items[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("450 4.2.1")),
+        "{items:?}"
+    );
+    // The next try is 10 minutes away; a restart tries at once, only the pending one.
+    h.control().accept_recipient("later@example.org");
+    h.restart().await;
+    let msgs = h
+        .control()
+        .wait_for_messages(2, Duration::from_secs(10))
+        .await;
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs[1].rcpt_to, vec!["later@example.org".to_string()]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.control().messages().len(), 2, "now@ is not sent again");
+    wait_until("queue empties", 10, || {
+        queue_files(&dir, "queue", "seg").is_empty()
+    })
+    .await;
     h.stop().await;
 }

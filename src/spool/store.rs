@@ -540,9 +540,11 @@ impl Store {
     }
 
     fn read_done(&self, seg: &str) -> HashSet<String> {
-        fs::read_to_string(self.done_path(seg))
-            .map(|t| {
-                t.lines()
+        // Lossy: a damaged line must not hide the others (that would resend them).
+        fs::read(self.done_path(seg))
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .lines()
                     .filter(|l| valid_name(l))
                     .map(str::to_owned)
                     .collect()
