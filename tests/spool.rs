@@ -807,3 +807,44 @@ async fn restart_resumes_with_the_recipients_still_pending() {
     .await;
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_token_queues_then_flows_after_a_new_refresh_token() {
+    let h = Harness::start(Setup {
+        before_start: Some(Box::new(|sb: &support::Sandbox| {
+            sb.control.revoke_refresh_tokens()
+        })),
+        ..spool_setup()
+    })
+    .await;
+    for i in 0..3 {
+        let r = send(h.addr, &format!("tok-{i}"), &["you@example.com"], "x\r\n").await;
+        assert_eq!(r.code, 250, "queued without a token: {r}");
+    }
+    let dir = h.spool_dir();
+    let mut items = Vec::new();
+    for _ in 0..100 {
+        items = list(&dir).await;
+        if items.iter().any(|i| i.last_error.is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        items
+            .iter()
+            .any(|i| i.last_error.as_deref().is_some_and(|e| e.contains("token"))),
+        "{items:?}"
+    );
+    // What `authorize` does: a new refresh token in the token file. No restart.
+    let fresh = h.control().issue_refresh_token();
+    std::fs::write(&h.token_file, format!("{{\"refresh_token\": \"{fresh}\"}}")).unwrap();
+    h.control()
+        .wait_for_messages(3, Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = delivered_ids(&h.control().messages());
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got.values().all(|&n| n == 1), "{got:?}");
+    h.stop().await;
+}
