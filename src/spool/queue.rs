@@ -832,4 +832,121 @@ mod tests {
         stop.cancel();
         owner.await.unwrap();
     }
+
+    /// Refuses to connect while `down`; counts sends and the most in flight at once.
+    #[derive(Clone, Default)]
+    struct Flaky {
+        down: Arc<std::sync::atomic::AtomicBool>,
+        sends: Arc<std::sync::atomic::AtomicUsize>,
+        delivered: Arc<std::sync::atomic::AtomicUsize>,
+        in_flight: Arc<std::sync::atomic::AtomicUsize>,
+        max_in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Transport for Flaky {
+        async fn send(&self, env: &Envelope, _data: &[u8]) -> Result<SendReport, UpstreamError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.sends.fetch_add(1, SeqCst);
+            let n = self.in_flight.fetch_add(1, SeqCst) + 1;
+            self.max_in_flight.fetch_max(n, SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.in_flight.fetch_sub(1, SeqCst);
+            if self.down.load(SeqCst) {
+                return Err(UpstreamError::Connect {
+                    addr: "smtp.example:587".into(),
+                    cause: "connection refused".into(),
+                });
+            }
+            self.delivered.fetch_add(1, SeqCst);
+            Ok(SendReport {
+                recipients: env
+                    .recipients
+                    .iter()
+                    .map(|a| RecipientOutcome {
+                        address: a.clone(),
+                        reply: Reply::new(250, [2, 1, 5], "OK"),
+                        accepted: true,
+                    })
+                    .collect(),
+                data: Some(Reply::new(250, [2, 0, 0], "OK")),
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn upstream_down_holds_the_queue_probes_then_releases_it_bounded() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::new(dir.path().to_owned(), Box::new(DiskWriter)));
+        store.create_dirs().unwrap();
+        let settings = SpoolSettings {
+            dir: dir.path().to_owned(),
+            max_queue_lifetime: Duration::from_secs(86400),
+            min_retry: Duration::from_secs(60),
+            max_retry: Duration::from_secs(3600),
+            workers: 3,
+            probe_max: Duration::from_secs(8),
+            quota_retry: Duration::from_secs(3600),
+            hostname: "relay.test".into(),
+            upstream_host: "smtp.example".into(),
+        };
+        let fake = Flaky::default();
+        fake.down.store(true, SeqCst);
+        let (events, rx) = mpsc::unbounded_channel();
+        let (committer, _ctask) = commit::start(store.clone(), events.clone());
+        let stop = CancellationToken::new();
+        let owner = start(
+            settings,
+            store.clone(),
+            fake.clone(),
+            committer.clone(),
+            rx,
+            Vec::new(),
+            stop.clone(),
+        );
+        for i in 0..40 {
+            committer
+                .commit(Message {
+                    id: format!("HOLD{i:03}"),
+                    envelope: Envelope {
+                        sender: "app@example.com".into(),
+                        recipients: vec!["you@example.org".into()],
+                        ..Envelope::default()
+                    },
+                    data: Bytes::from_static(b"Subject: x\r\n\r\nbody\r\n"),
+                })
+                .await
+                .unwrap();
+        }
+        // Down for 60 s: probes 1, 2, 4, 8, 8, 8… s apart, not 40 messages backing off.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let while_down = fake.sends.load(SeqCst);
+        assert!(
+            (5..=15).contains(&while_down),
+            "{while_down} sends while down"
+        );
+        assert_eq!(fake.delivered.load(SeqCst), 0);
+        fake.down.store(false, SeqCst);
+        // The next probe (within probe_max) gets through and releases everything.
+        let t0 = Instant::now();
+        while fake.delivered.load(SeqCst) < 40 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "released after the probe"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            t0.elapsed() <= Duration::from_secs(10),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(fake.delivered.load(SeqCst), 40, "each once");
+        assert!(
+            fake.max_in_flight.load(SeqCst) <= 3,
+            "never more than `workers` in flight"
+        );
+        stop.cancel();
+        owner.await.unwrap();
+    }
 }
