@@ -100,12 +100,21 @@ fn judge(r: &Reply) -> Verdict {
 }
 
 /// Whether an error belongs to the upstream (everyone's problem) rather than to the
-/// message.
+/// message. A connection closed or lost inside a transaction (Gmail's routine `421`
+/// after many messages) is the message's deferral, not an outage: outages show at
+/// connect, TLS, login or as a missing token, and hung servers as timeouts.
 fn upstream_trouble(e: &UpstreamError) -> bool {
-    !matches!(
-        e,
-        UpstreamError::Rejected { .. } | UpstreamError::Indeterminate { .. }
-    )
+    use crate::upstream::Stage;
+    match e {
+        UpstreamError::Rejected { .. } | UpstreamError::Indeterminate { .. } => false,
+        UpstreamError::Closing { stage, .. } | UpstreamError::ConnectionLost { stage, .. } => {
+            matches!(
+                stage,
+                Stage::Connect | Stage::Greeting | Stage::Ehlo | Stage::StartTls | Stage::Auth
+            )
+        }
+        _ => true,
+    }
 }
 
 /// The per-recipient verdicts (in `pending` order), and the trouble, if any.
@@ -532,6 +541,23 @@ mod tests {
         };
         let (v, t) = classify(&rcpts(1), Err(lost));
         assert!(matches!(v[0], Verdict::Defer(_)) && t.is_none());
+        let closed_mid = UpstreamError::Closing {
+            addr: "x".into(),
+            stage: Stage::Rcpt,
+            reply: Reply::new(421, [4, 7, 0], "Try again later, closing connection."),
+        };
+        let (v, t) = classify(&rcpts(1), Err(closed_mid));
+        assert!(
+            matches!(v[0], Verdict::Defer(_)) && t.is_none(),
+            "a message deferral"
+        );
+        let lost_at_greeting = UpstreamError::ConnectionLost {
+            addr: "x".into(),
+            stage: Stage::Greeting,
+            cause: "EOF".into(),
+        };
+        let (_, t) = classify(&rcpts(1), Err(lost_at_greeting));
+        assert!(matches!(t, Some(Trouble::Down(_))), "an outage");
     }
 
     #[test]
