@@ -225,7 +225,7 @@ impl<T: Transport> Ctx<T> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || f(&store))
             .await
-            .map_err(|e| super::SpoolError::Control(format!("blocking task failed: {e}")))?
+            .map_err(|e| super::SpoolError::Task(e.to_string()))?
     }
 
     /// Runs one attempt (or the expiry of a message) and reports the outcome.

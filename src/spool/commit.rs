@@ -80,6 +80,7 @@ fn each(e: &SpoolError) -> SpoolError {
         SpoolError::Locked { dir } => SpoolError::Locked { dir: dir.clone() },
         SpoolError::NotFound(s) => SpoolError::NotFound(s.clone()),
         SpoolError::Control(s) => SpoolError::Control(s.clone()),
+        SpoolError::Task(s) => SpoolError::Task(s.clone()),
         SpoolError::Stopped => SpoolError::Stopped,
     }
 }

@@ -48,6 +48,9 @@ pub enum SpoolError {
     NotFound(String),
     #[error("control socket: {0}")]
     Control(String),
+    /// A blocking task of the spool died (a bug, not bad input).
+    #[error("spool task failed: {0}")]
+    Task(String),
 }
 
 impl SpoolError {
@@ -64,7 +67,7 @@ impl SpoolError {
                 [4, 3, 0],
                 "The relay is shutting down; try again later",
             ),
-            SpoolError::NotFound(_) | SpoolError::Control(_) => Reply::new(
+            SpoolError::NotFound(_) | SpoolError::Control(_) | SpoolError::Task(_) => Reply::new(
                 451,
                 [4, 3, 0],
                 "Local error in the relay's queue; try again later",
@@ -149,7 +152,7 @@ impl Spool {
                 Ok((lock, recovery))
             })
             .await
-            .map_err(|e| SpoolError::Control(format!("start-up task failed: {e}")))??
+            .map_err(|e| SpoolError::Task(format!("start-up: {e}")))??
         };
         if recovery.temp_removed > 0
             || !recovery.corrupt.is_empty()

@@ -617,6 +617,18 @@ impl Store {
         Ok(out)
     }
 
+    fn keep_live(
+        &self,
+        meta: MessageMeta,
+        loc: Location,
+        live_ids: &mut HashSet<String>,
+        r: &mut Recovery,
+    ) {
+        let state = self.read_state(&meta);
+        live_ids.insert(meta.id.clone());
+        r.messages.push(Recovered { meta, loc, state });
+    }
+
     /// The start-up pass (the daemon holds the lock): removes temp files, removes
     /// finished segments, moves damaged segments to `corrupt/` after saving their good
     /// records in a new segment, removes orphaned state files, and returns every live
@@ -654,9 +666,7 @@ impl Store {
                     let (new_seg, locs) = self.write_segment(&batch)?;
                     live_segs.insert(new_seg);
                     for ((meta, _), loc) in batch.into_iter().zip(locs) {
-                        let state = self.read_state(&meta);
-                        live_ids.insert(meta.id.clone());
-                        r.messages.push(Recovered { meta, loc, state });
+                        self.keep_live(meta, loc, &mut live_ids, &mut r);
                     }
                 }
                 let dest = self.corrupt_dir().join(format!("{seg}.seg"));
@@ -678,18 +688,13 @@ impl Store {
                 continue;
             }
             live_segs.insert(seg.clone());
-            for (meta, off, len) in live {
-                let state = self.read_state(&meta);
-                live_ids.insert(meta.id.clone());
-                r.messages.push(Recovered {
-                    loc: Location {
-                        segment: seg.clone(),
-                        offset: off,
-                        len,
-                    },
-                    meta,
-                    state,
-                });
+            for (meta, offset, len) in live {
+                let loc = Location {
+                    segment: seg.clone(),
+                    offset,
+                    len,
+                };
+                self.keep_live(meta, loc, &mut live_ids, &mut r);
             }
         }
         // Orphans: state files of finished messages, done logs without a segment.
