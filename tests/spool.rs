@@ -58,6 +58,30 @@ async fn send(addr: SocketAddr, mid: &str, to: &[&str], body: &str) -> support::
         .await
 }
 
+/// A relay whose upstream is down, with `n` messages `<prefix>-<i>` to `to` accepted
+/// (one session and one commit each); returns their queue IDs.
+async fn held(n: usize, prefix: &str, to: &[&str]) -> (Harness, Vec<String>) {
+    let h = Harness::start(Setup {
+        proxy: Some(false),
+        ..spool_setup()
+    })
+    .await;
+    h.token_ready().await;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = send(
+            h.addr,
+            &format!("{prefix}-{i}"),
+            to,
+            "queued while down\r\n",
+        )
+        .await;
+        assert_eq!(r.code, 250, "accepted while the upstream is down: {r}");
+        ids.push(queue_id(&r));
+    }
+    (h, ids)
+}
+
 fn queue_id(reply: &support::Reply) -> String {
     let t = reply.text();
     t.rsplit(' ').next().unwrap().to_owned()
@@ -128,30 +152,13 @@ async fn queued_then_delivered_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_then_up_delivers_all_once() {
-    let h = Harness::start(Setup {
-        proxy: Some(false),
-        ..spool_setup()
-    })
-    .await;
-    h.token_ready().await;
-    let mut ids = Vec::new();
-    for i in 0..6 {
-        let r = send(
-            h.addr,
-            &format!("down-{i}"),
-            &["you@example.com"],
-            "queued while down\r\n",
-        )
-        .await;
-        assert_eq!(r.code, 250, "accepted while the upstream is down: {r}");
-        ids.push(queue_id(&r));
-    }
+    let (h, _ids) = held(6, "down", &["you@example.com"]).await;
     let dir = h.spool_dir();
-    let mut held = Vec::new();
+    let mut items = Vec::new();
     for _ in 0..100 {
-        held = list(&dir).await;
-        if held.len() == 6
-            && held
+        items = list(&dir).await;
+        if items.len() == 6
+            && items
                 .iter()
                 .any(|i| i.attempts > 0 && i.last_error.is_some())
         {
@@ -159,11 +166,12 @@ async fn upstream_down_then_up_delivers_all_once() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(held.len(), 6, "{held:?}");
+    assert_eq!(items.len(), 6, "{items:?}");
     assert!(
-        held.iter()
+        items
+            .iter()
             .any(|i| i.last_error.as_deref().is_some_and(|e| e.contains("4."))),
-        "the upstream's failure is shown: {held:?}"
+        "the upstream's failure is shown: {items:?}"
     );
     assert!(h.control().messages().is_empty());
     h.proxy.as_ref().unwrap().set_up(true);
@@ -313,16 +321,7 @@ async fn daily_quota_defers_instead_of_bouncing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_queue_file_is_moved_aside_and_others_delivered() {
-    let mut h = Harness::start(Setup {
-        proxy: Some(false),
-        ..spool_setup()
-    })
-    .await;
-    h.token_ready().await;
-    for i in 0..3 {
-        let r = send(h.addr, &format!("c-{i}"), &["you@example.com"], "body\r\n").await;
-        assert_eq!(r.code, 250, "{r}");
-    }
+    let (mut h, _ids) = held(3, "c", &["you@example.com"]).await;
     let dir = h.spool_dir();
     if let Some(d) = h.daemon.take() {
         d.shutdown().await;
@@ -444,24 +443,7 @@ fn cli(config: &Path, args: &[&str]) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_cli_through_the_daemon_and_without_it() {
-    let h = Harness::start(Setup {
-        proxy: Some(false),
-        ..spool_setup()
-    })
-    .await;
-    h.token_ready().await;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        let r = send(
-            h.addr,
-            &format!("cli-{i}"),
-            &["you@example.com", "other@example.com"],
-            "x\r\n",
-        )
-        .await;
-        assert_eq!(r.code, 250, "{r}");
-        ids.push(queue_id(&r));
-    }
+    let (h, ids) = held(3, "cli", &["you@example.com", "other@example.com"]).await;
     let config = h.config_path();
     let c2 = config.clone();
     let (ok, out) = tokio::task::spawn_blocking(move || cli(&c2, &["list"]))

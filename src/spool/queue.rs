@@ -709,6 +709,73 @@ mod tests {
         upstream::{RecipientOutcome, SendReport, UpstreamError},
     };
 
+    /// A queue on a temporary spool, driven by `transport`.
+    struct Rig {
+        dir: tempfile::TempDir,
+        committer: Committer,
+        owner: JoinHandle<()>,
+        stop: CancellationToken,
+    }
+
+    impl Rig {
+        fn start<T: Transport>(
+            transport: T,
+            lifetime: Duration,
+            workers: usize,
+            probe_max: Duration,
+        ) -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(Store::new(dir.path().to_owned(), Box::new(DiskWriter)));
+            store.create_dirs().unwrap();
+            let settings = SpoolSettings {
+                dir: dir.path().to_owned(),
+                max_queue_lifetime: lifetime,
+                min_retry: Duration::from_secs(60),
+                max_retry: Duration::from_secs(3600),
+                workers,
+                probe_max,
+                quota_retry: Duration::from_secs(3600),
+                hostname: "relay.test".into(),
+                upstream_host: "smtp.example".into(),
+            };
+            let (events, rx) = mpsc::unbounded_channel();
+            let (committer, _task) = commit::start(store.clone(), events);
+            let stop = CancellationToken::new();
+            let owner = start(
+                settings,
+                store,
+                transport,
+                committer.clone(),
+                rx,
+                Vec::new(),
+                stop.clone(),
+            );
+            Rig {
+                dir,
+                committer,
+                owner,
+                stop,
+            }
+        }
+
+        async fn stop(self) {
+            self.stop.cancel();
+            self.owner.await.unwrap();
+        }
+    }
+
+    fn message(id: &str) -> Message {
+        Message {
+            id: id.into(),
+            envelope: Envelope {
+                sender: "app@example.com".into(),
+                recipients: vec!["slow@example.org".into()],
+                ..Envelope::default()
+            },
+            data: Bytes::from_static(b"Subject: slow\r\n\r\nbody\r\n"),
+        }
+    }
+
     type Sent = Vec<(Envelope, Vec<u8>)>;
 
     /// Defers every message with 451, except bounces (null sender), which it accepts.
@@ -743,46 +810,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn deferred_message_expires_after_its_lifetime_with_a_dsn() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::new(dir.path().to_owned(), Box::new(DiskWriter)));
-        store.create_dirs().unwrap();
-        let settings = SpoolSettings {
-            dir: dir.path().to_owned(),
-            max_queue_lifetime: Duration::from_secs(3600),
-            min_retry: Duration::from_secs(60),
-            max_retry: Duration::from_secs(3600),
-            workers: 2,
-            probe_max: Duration::from_secs(60),
-            quota_retry: Duration::from_secs(3600),
-            hostname: "relay.test".into(),
-            upstream_host: "smtp.example".into(),
-        };
         let fake = Deferring::default();
-        let (events, rx) = mpsc::unbounded_channel();
-        let (committer, _ctask) = commit::start(store.clone(), events.clone());
-        let stop = CancellationToken::new();
-        let owner = start(
-            settings,
-            store.clone(),
+        let rig = Rig::start(
             fake.clone(),
-            committer.clone(),
-            rx,
-            Vec::new(),
-            stop.clone(),
+            Duration::from_secs(3600),
+            2,
+            Duration::from_secs(60),
         );
         let t0 = Instant::now();
-        committer
-            .commit(Message {
-                id: "EXPIRE1".into(),
-                envelope: Envelope {
-                    sender: "app@example.com".into(),
-                    recipients: vec!["slow@example.org".into()],
-                    ..Envelope::default()
-                },
-                data: Bytes::from_static(b"Subject: slow\r\n\r\nbody\r\n"),
-            })
-            .await
-            .unwrap();
+        rig.committer.commit(message("EXPIRE1")).await.unwrap();
         let dsn = loop {
             let found = fake
                 .seen
@@ -828,9 +864,8 @@ mod tests {
         assert!(text.contains("Final-Recipient: rfc822; slow@example.org"));
         assert!(text.contains("Status: 4.3.0"));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert!(dir.path().join("failed/EXPIRE1.eml").exists());
-        stop.cancel();
-        owner.await.unwrap();
+        assert!(rig.dir.path().join("failed/EXPIRE1.eml").exists());
+        rig.stop().await;
     }
 
     /// Refuses to connect while `down`; counts sends and the most in flight at once.
@@ -876,45 +911,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn upstream_down_holds_the_queue_probes_then_releases_it_bounded() {
         use std::sync::atomic::Ordering::SeqCst;
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::new(dir.path().to_owned(), Box::new(DiskWriter)));
-        store.create_dirs().unwrap();
-        let settings = SpoolSettings {
-            dir: dir.path().to_owned(),
-            max_queue_lifetime: Duration::from_secs(86400),
-            min_retry: Duration::from_secs(60),
-            max_retry: Duration::from_secs(3600),
-            workers: 3,
-            probe_max: Duration::from_secs(8),
-            quota_retry: Duration::from_secs(3600),
-            hostname: "relay.test".into(),
-            upstream_host: "smtp.example".into(),
-        };
         let fake = Flaky::default();
         fake.down.store(true, SeqCst);
-        let (events, rx) = mpsc::unbounded_channel();
-        let (committer, _ctask) = commit::start(store.clone(), events.clone());
-        let stop = CancellationToken::new();
-        let owner = start(
-            settings,
-            store.clone(),
+        let rig = Rig::start(
             fake.clone(),
-            committer.clone(),
-            rx,
-            Vec::new(),
-            stop.clone(),
+            Duration::from_secs(86400),
+            3,
+            Duration::from_secs(8),
         );
         for i in 0..40 {
-            committer
-                .commit(Message {
-                    id: format!("HOLD{i:03}"),
-                    envelope: Envelope {
-                        sender: "app@example.com".into(),
-                        recipients: vec!["you@example.org".into()],
-                        ..Envelope::default()
-                    },
-                    data: Bytes::from_static(b"Subject: x\r\n\r\nbody\r\n"),
-                })
+            rig.committer
+                .commit(message(&format!("HOLD{i:03}")))
                 .await
                 .unwrap();
         }
@@ -946,7 +953,6 @@ mod tests {
             fake.max_in_flight.load(SeqCst) <= 3,
             "never more than `workers` in flight"
         );
-        stop.cancel();
-        owner.await.unwrap();
+        rig.stop().await;
     }
 }
