@@ -165,7 +165,7 @@ impl Daemon {
             None => None,
             Some(sc) => Some(
                 Spool::start(
-                    SpoolSettings::from_config(sc, &config.server.hostname, &account.smtp_host),
+                    SpoolSettings::new(sc.clone(), &config.server.hostname, &account.smtp_host),
                     pool.clone(),
                     hooks
                         .spool_writer

@@ -14,7 +14,7 @@ pub mod control;
 mod queue;
 pub mod store;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc};
 
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -91,32 +91,27 @@ impl Transport for UpstreamPool {
     }
 }
 
-/// How the spool runs (from `[spool]` plus the names it needs for DSNs).
+/// How the spool runs: the `[spool]` table, plus the names it needs for DSNs.
 #[derive(Debug, Clone)]
 pub struct SpoolSettings {
-    pub dir: PathBuf,
-    pub max_queue_lifetime: Duration,
-    pub min_retry: Duration,
-    pub max_retry: Duration,
-    pub workers: usize,
-    pub probe_max: Duration,
-    pub quota_retry: Duration,
+    pub config: SpoolConfig,
     /// Our host name (Reporting-MTA in DSNs).
     pub hostname: String,
     /// The upstream host (Remote-MTA in DSNs, logs).
     pub upstream_host: String,
 }
 
+impl std::ops::Deref for SpoolSettings {
+    type Target = SpoolConfig;
+    fn deref(&self) -> &SpoolConfig {
+        &self.config
+    }
+}
+
 impl SpoolSettings {
-    pub fn from_config(c: &SpoolConfig, hostname: &str, upstream_host: &str) -> Self {
+    pub fn new(config: SpoolConfig, hostname: &str, upstream_host: &str) -> Self {
         SpoolSettings {
-            dir: c.dir.clone(),
-            max_queue_lifetime: c.max_queue_lifetime,
-            min_retry: c.min_retry,
-            max_retry: c.max_retry,
-            workers: c.workers,
-            probe_max: c.probe_max,
-            quota_retry: c.quota_retry,
+            config,
             hostname: hostname.to_owned(),
             upstream_host: upstream_host.to_owned(),
         }

@@ -727,17 +727,19 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let store = Arc::new(Store::new(dir.path().to_owned(), Box::new(DiskWriter)));
             store.create_dirs().unwrap();
-            let settings = SpoolSettings {
-                dir: dir.path().to_owned(),
-                max_queue_lifetime: lifetime,
-                min_retry: Duration::from_secs(60),
-                max_retry: Duration::from_secs(3600),
-                workers,
-                probe_max,
-                quota_retry: Duration::from_secs(3600),
-                hostname: "relay.test".into(),
-                upstream_host: "smtp.example".into(),
-            };
+            let settings = SpoolSettings::new(
+                crate::config::SpoolConfig {
+                    dir: dir.path().to_owned(),
+                    max_queue_lifetime: lifetime,
+                    min_retry: Duration::from_secs(60),
+                    max_retry: Duration::from_secs(3600),
+                    workers,
+                    probe_max,
+                    quota_retry: Duration::from_secs(3600),
+                },
+                "relay.test",
+                "smtp.example",
+            );
             let (events, rx) = mpsc::unbounded_channel();
             let (committer, _task) = commit::start(store.clone(), events);
             let stop = CancellationToken::new();
