@@ -347,7 +347,7 @@ impl<T: Transport> Ctx<T> {
                 _ => None,
             })
             .collect();
-        let mut bounce_note = "";
+        let mut bounce_note = "-";
         if !failed.is_empty() {
             match self.bounce(&meta, &state, data, &failed, expired).await {
                 Ok(true) => bounce_note = "bounce queued for the sender",
@@ -421,7 +421,7 @@ impl<T: Transport> Ctx<T> {
             }
             info!(
                 %id, attempt = state.attempts, to = %to, delivered, bounced,
-                reply = %reply, next_retry = "none", note = bounce_note,
+                reply = %reply, next_retry = "none", note = %bounce_note,
                 "delivery attempt: {}", if bounced > 0 { "finished with bounces" } else { "delivered" }
             );
             return Done {
@@ -458,7 +458,7 @@ impl<T: Transport> Ctx<T> {
         };
         info!(
             %id, attempt = state.attempts, to = %to, delivered, deferred, bounced,
-            reply = %reply, next_retry = %next, note = bounce_note,
+            reply = %reply, next_retry = %next, note = %bounce_note,
             "delivery attempt: deferred"
         );
         Done {

@@ -535,6 +535,11 @@ impl<T: Transport> Queue<T> {
     fn item(&self, e: &Entry) -> QueueItem {
         let now_ms = self.ctx.clock.now_ms();
         let held = matches!(self.gate, Gate::Closed { .. });
+        // Behind a closed gate, nothing goes before the next probe.
+        let not_before = match &self.gate {
+            Gate::Closed { until, .. } => *until,
+            Gate::Open => Instant::now(),
+        };
         QueueItem {
             id: e.meta.id.clone(),
             arrival: e.meta.arrival_ms / 1000,
@@ -548,6 +553,7 @@ impl<T: Transport> Queue<T> {
                     .key
                     .map(|k| k.0)
                     .unwrap_or_else(Instant::now)
+                    .max(not_before)
                     .saturating_duration_since(Instant::now());
                 (now_ms + due.as_millis() as u64) / 1000
             }),
