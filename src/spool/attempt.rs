@@ -82,6 +82,16 @@ pub fn is_quota(r: &Reply) -> bool {
     r.code == 550 && r.esc == Some([5, 4, 5])
 }
 
+/// What one attempt found, per pending recipient (same order).
+struct Attempted {
+    pending: Vec<String>,
+    verdicts: Vec<Verdict>,
+    trouble: Option<Trouble>,
+    upstream_ok: bool,
+    /// Past the queue lifetime: deferrals become failures.
+    expired: bool,
+}
+
 #[derive(Debug, Clone)]
 enum Verdict {
     Delivered(Reply),
@@ -239,6 +249,11 @@ impl<T: Transport> Ctx<T> {
                 let loc = job.loc.clone();
                 match self.blocking(move |s| s.read_data(&loc)).await {
                     Ok(d) => Bytes::from(d),
+                    // Giving up needs no message bytes: the DSN then lacks its headers.
+                    Err(e) if job.expire => {
+                        warn!(%id, error = %e, "spool: cannot read an expired message; bouncing without its headers");
+                        Bytes::new()
+                    }
                     Err(e) => {
                         error!(%id, error = %e, "spool: cannot read a queued message; will retry");
                         state.last_error = Some(e.to_string());
@@ -294,33 +309,33 @@ impl<T: Transport> Ctx<T> {
             let (v, t) = classify(&pending, result);
             (v, t, upstream_ok)
         };
-        self.conclude(
-            meta,
-            &job.loc.segment,
-            state,
-            &data,
+        let attempted = Attempted {
             pending,
             verdicts,
             trouble,
             upstream_ok,
-            job.expire,
-        )
-        .await
+            expired: job.expire,
+        };
+        self.conclude(meta, &job.loc.segment, state, &data, attempted)
+            .await
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Applies the verdicts: DSN for the failed, state for the rest, log line, outcome.
     async fn conclude(
         &self,
         meta: Arc<MessageMeta>,
         segment: &str,
         mut state: MessageState,
         data: &Bytes,
-        pending: Vec<String>,
-        mut verdicts: Vec<Verdict>,
-        trouble: Option<Trouble>,
-        upstream_ok: bool,
-        expired: bool,
+        attempted: Attempted,
     ) -> Done {
+        let Attempted {
+            pending,
+            mut verdicts,
+            trouble,
+            upstream_ok,
+            expired,
+        } = attempted;
         let id = meta.id.clone();
         let now = self.clock.now_ms();
         let expiry = meta
