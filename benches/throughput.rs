@@ -27,7 +27,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use smtp_oauth_relay::sandbox::{Sandbox, SandboxOptions};
+use smtp_oauth_relay::{
+    demo::{write_relay_config, RelayConfigOptions},
+    sandbox::{Sandbox, SandboxOptions},
+};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
@@ -163,11 +166,19 @@ async fn drive_relay(
     (n as f64 / elapsed, lat)
 }
 
-/// The upstream's limit: sessions that talk straight to the sandbox over their own
-/// authenticated STARTTLS connection, reused for every message.
-async fn drive_direct(sandbox: &Sandbox, sessions: usize, secs: u64, size: usize) -> f64 {
+/// Straight to the sandbox, as a client that speaks STARTTLS + XOAUTH2 itself would:
+/// with `per_message`, a new connection (TCP, STARTTLS, EHLO, AUTH) per message, as the
+/// relay's clients do; otherwise one authenticated connection per session, reused for
+/// every message (the upstream's limit).
+async fn drive_direct(
+    sandbox: &Sandbox,
+    sessions: usize,
+    secs: u64,
+    size: usize,
+    per_message: bool,
+) -> f64 {
     let tls = smtp_oauth_relay::tls::client_config_from_pem(&sandbox.ca_pem).unwrap();
-    let token = fetch_token(sandbox).await;
+    let token = Arc::new(fetch_token(sandbox).await);
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let body = Arc::new(message(size, 0));
@@ -185,27 +196,40 @@ async fn drive_direct(sandbox: &Sandbox, sessions: usize, secs: u64, size: usize
         let user = sandbox.username.clone();
         let name = sandbox.tls_server_name.clone();
         tasks.push(tokio::spawn(async move {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            s.set_nodelay(true).unwrap();
-            let mut buf = Vec::new();
-            read_replies(&mut s, &mut buf, 1).await;
-            s.write_all(b"EHLO bench\r\nSTARTTLS\r\n").await.unwrap();
-            read_replies(&mut s, &mut buf, 2).await;
-            let connector = tokio_rustls::TlsConnector::from(tls);
-            let server_name = rustls_pki_types::ServerName::try_from(name).unwrap();
-            let mut t = connector.connect(server_name, s).await.unwrap();
-            let mut buf = Vec::new();
-            use base64::Engine;
-            let auth = base64::engine::general_purpose::STANDARD
-                .encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"));
-            t.write_all(format!("EHLO bench\r\nAUTH XOAUTH2 {auth}\r\n").as_bytes())
-                .await
-                .unwrap();
-            let codes = read_replies(&mut t, &mut buf, 2).await;
-            assert_eq!(codes[1], 235, "direct session authenticated");
+            let open = || async {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.set_nodelay(true).unwrap();
+                let mut buf = Vec::new();
+                read_replies(&mut s, &mut buf, 1).await;
+                s.write_all(b"EHLO bench\r\nSTARTTLS\r\n").await.unwrap();
+                read_replies(&mut s, &mut buf, 2).await;
+                let connector = tokio_rustls::TlsConnector::from(tls.clone());
+                let server_name = rustls_pki_types::ServerName::try_from(name.clone()).unwrap();
+                let mut t = connector.connect(server_name, s).await.unwrap();
+                let mut buf = Vec::new();
+                use base64::Engine;
+                let auth = base64::engine::general_purpose::STANDARD
+                    .encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"));
+                t.write_all(format!("EHLO bench\r\nAUTH XOAUTH2 {auth}\r\n").as_bytes())
+                    .await
+                    .unwrap();
+                let codes = read_replies(&mut t, &mut buf, 2).await;
+                assert_eq!(codes[1], 235, "direct session authenticated");
+                (t, buf)
+            };
+            let mut conn = None;
             while !stop.load(Ordering::Relaxed) {
-                transaction(&mut t, &mut buf, &body).await;
+                if conn.is_none() {
+                    conn = Some(open().await);
+                }
+                let (t, buf) = conn.as_mut().unwrap();
+                transaction(t, buf, &body).await;
                 count.fetch_add(1, Ordering::Relaxed);
+                if per_message {
+                    let (mut t, mut buf) = conn.take().unwrap();
+                    t.write_all(b"QUIT\r\n").await.unwrap();
+                    read_replies(&mut t, &mut buf, 1).await;
+                }
             }
         }));
     }
@@ -251,39 +275,30 @@ impl RelayProcess {
 
     async fn start_with(sandbox: &Sandbox, pool_size: usize, spool: bool) -> RelayProcess {
         let dir = tempfile::tempdir().unwrap();
-        let token_file = dir.path().join("token.json");
-        std::fs::write(
-            &token_file,
-            format!("{{\"refresh_token\":\"{}\"}}", sandbox.refresh_token),
-        )
-        .unwrap();
-        std::fs::set_permissions(
-            &token_file,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, &sandbox.ca_pem).unwrap();
+        let spool_dir = spool.then(|| dir.path().join("spool"));
+        let spool_table = spool_dir
+            .as_ref()
+            .map(|d| format!("\n[spool]\ndir = \"{}\"\n", d.display()))
+            .unwrap_or_default();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let config = format!(
-            "[server]\nlisten = [\"{addr}\"]\nhostname = \"relay.bench\"\nmax_connections = 2000\n\n\
-             [[account]]\nname = \"bench\"\nprovider = \"custom\"\nusername = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n\
-             token_file = \"{}\"\nsmtp_host = \"{}\"\nsmtp_port = {}\ntls_server_name = \"{}\"\ntoken_url = \"{}\"\nca_file = \"{}\"\npool_size = {pool_size}\nmax_messages_per_connection = 1000000\n",
-            sandbox.username, sandbox.client_id, sandbox.client_secret, token_file.display(),
-            sandbox.smtp_addr.ip(), sandbox.smtp_addr.port(), sandbox.tls_server_name, sandbox.token_url, ca.display()
-        );
-        let spool_dir = spool.then(|| dir.path().join("spool"));
-        let config = match &spool_dir {
-            Some(d) => format!("{config}\n[spool]\ndir = \"{}\"\n", d.display()),
-            None => config,
-        };
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, config).unwrap();
+        let path = write_relay_config(
+            sandbox,
+            dir.path(),
+            &RelayConfigOptions {
+                listen: addr,
+                hostname: "relay.bench",
+                pool_size,
+                server_extra: "max_connections = 2000",
+                account_extra: &spool_table,
+                ..RelayConfigOptions::default()
+            },
+        )
+        .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_smtp-oauth-relay"))
             .args(["run", "--config"])
             .arg(&path)
@@ -305,6 +320,18 @@ impl RelayProcess {
             spool: spool_dir,
             _dir: dir,
         }
+    }
+
+    /// CPU time (user + system) the relay process has used so far.
+    fn cpu_time(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the ")" that ends the command name; utime and stime are 14 and 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        let ticks = field(11) + field(12);
+        Duration::from_secs_f64(ticks as f64 / 100.0)
     }
 
     fn peak_rss_kib(&self) -> (u64, u64) {
@@ -367,67 +394,32 @@ async fn run() {
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    println!("| run | msgs/s | p50 ms | p99 ms | upstream conns opened | relay peak RSS MiB |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| run | msgs/s | p50 ms | p99 ms | upstream conns opened | relay CPU µs/msg | relay peak RSS MiB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
 
     let runs = std::env::var("BENCH_RUNS").unwrap_or_else(|_| "direct,pooled,spool,idle".into());
     let want = |r: &str| runs.split(',').any(|x| x.trim() == r);
 
-    let direct = if want("direct") {
-        let direct = drive_direct(&sandbox, sessions, secs, size).await;
-        println!("| direct to sandbox (limit) | {direct:.0} | | | {sessions} | |");
-        direct
-    } else {
-        0.0
-    };
-
-    let mut spool_note = None;
-    if want("spool") {
-        sandbox.control.set_keep_messages(false);
-        let before = sandbox.control.smtp_stats();
-        let relay = RelayProcess::start_with(&sandbox, 4, true).await;
-        let (rate, mut lat) = drive_relay(
-            relay.addr,
-            sessions,
-            secs,
-            size,
-            Mode::PerMessageClient,
-            None,
-        )
-        .await;
-        let (_, hwm) = relay.peak_rss_kib();
+    let (mut direct, mut direct_pm) = (0.0, 0.0);
+    if want("direct") {
+        direct = drive_direct(&sandbox, sessions, secs, size, false).await;
+        println!("| direct to sandbox, sessions reuse authenticated conns (limit) | {direct:.0} | | | {sessions} | | |");
+        let before = sandbox.control.smtp_stats().connections_opened;
+        direct_pm = drive_direct(&sandbox, sessions, secs, size, true).await;
+        let opened = sandbox.control.smtp_stats().connections_opened - before;
         println!(
-            "| relay + spool (fsync before 250), pool 4, conn per msg | {rate:.0} | {:.2} | {:.2} | {} | {:.1} |",
-            percentile(&mut lat, 0.5).as_secs_f64() * 1e3,
-            percentile(&mut lat, 0.99).as_secs_f64() * 1e3,
-            sandbox.control.smtp_stats().connections_opened - before.connections_opened,
-            hwm as f64 / 1024.0
+            "| direct to sandbox, conn + STARTTLS + AUTH per msg | {direct_pm:.0} | | | {opened} | | |"
         );
-        let dir = relay.spool.clone().unwrap();
-        let stats = tokio::task::spawn_blocking(move || {
-            smtp_oauth_relay::spool::control::request(
-                &dir,
-                &smtp_oauth_relay::spool::control::Request::Stats,
-            )
-        })
-        .await
-        .unwrap();
-        if let Ok(Some(smtp_oauth_relay::spool::control::Response::Stats(s))) = stats {
-            spool_note = Some(format!(
-                "spool: {} messages committed in {} batches, {} fsyncs = {:.3} fsyncs per message ({:.1} messages per batch); delivered upstream during the run: {}, still queued: {}",
-                s.committed,
-                s.batches,
-                s.fsyncs,
-                s.fsyncs_per_message,
-                s.committed as f64 / s.batches.max(1) as f64,
-                sandbox.control.smtp_stats().messages - before.messages,
-                s.queued
-            ));
-        }
-        sandbox.control.set_keep_messages(true);
     }
 
+    let spool_note = if want("spool") {
+        spool_run(&sandbox, sessions, secs, size).await
+    } else {
+        None
+    };
+
     let mut pooled_rate = 0.0;
+    let mut per_message_rate = 0.0;
     let pooled_runs = if want("pooled") {
         vec![
             ("relay, pool 4, conn per msg", 4, Mode::PerMessageClient),
@@ -444,33 +436,44 @@ async fn run() {
     for (label, pool, mode) in pooled_runs {
         let before = sandbox.control.smtp_stats().connections_opened;
         let relay = RelayProcess::start(&sandbox, pool).await;
+        let cpu0 = relay.cpu_time();
         let (rate, mut lat) = drive_relay(relay.addr, sessions, secs, size, mode, None).await;
+        let cpu = relay.cpu_time() - cpu0;
         let opened = sandbox.control.smtp_stats().connections_opened - before;
         let (_, hwm) = relay.peak_rss_kib();
         println!(
-            "| {label} | {rate:.0} | {:.2} | {:.2} | {opened} | {:.1} |",
+            "| {label} | {rate:.0} | {:.2} | {:.2} | {opened} | {:.0} | {:.1} |",
             percentile(&mut lat, 0.5).as_secs_f64() * 1e3,
             percentile(&mut lat, 0.99).as_secs_f64() * 1e3,
+            cpu.as_secs_f64() * 1e6 / (rate * secs as f64).max(1.0),
             hwm as f64 / 1024.0
         );
+        if pool == 0 {
+            per_message_rate = rate;
+        }
         if pool == 4 && mode == Mode::PerMessageClient {
             pooled_rate = rate;
             // Latency at half the peak rate.
             let (r2, mut lat2) =
                 drive_relay(relay.addr, sessions, secs, size, mode, Some(rate / 2.0)).await;
             println!(
-                "| {label}, paced at {:.0}/s | {r2:.0} | {:.2} | {:.2} | | |",
+                "| {label}, paced at {:.0}/s | {r2:.0} | {:.2} | {:.2} | | | |",
                 rate / 2.0,
                 percentile(&mut lat2, 0.5).as_secs_f64() * 1e3,
                 percentile(&mut lat2, 0.99).as_secs_f64() * 1e3
             );
         }
     }
+    if want("direct") && want("pooled") {
+        println!(
+            "\npooled (conn per msg) / direct limit = {:.2}; / direct conn per msg = {:.2}; / per-message upstream = {:.2}",
+            pooled_rate / direct.max(1.0),
+            pooled_rate / direct_pm.max(1.0),
+            pooled_rate / per_message_rate.max(1.0)
+        );
+    }
     if let Some(n) = spool_note {
         println!("\n{n}");
-    }
-    if want("pooled") && want("direct") {
-        println!("\npooled / direct = {:.2}", pooled_rate / direct.max(1.0));
     }
     if !want("idle") {
         return;
@@ -495,4 +498,51 @@ async fn run() {
         hwm as f64 / 1024.0
     );
     drop(conns);
+}
+
+/// The spool run: through a relay with `[spool]`, one client connection per message.
+/// Prints its table row; returns the group-commit figures from the spool's counters.
+async fn spool_run(sandbox: &Sandbox, sessions: usize, secs: u64, size: usize) -> Option<String> {
+    use smtp_oauth_relay::spool::control::{request, Request, Response};
+    sandbox.control.set_keep_messages(false);
+    let before = sandbox.control.smtp_stats();
+    let relay = RelayProcess::start_with(sandbox, 4, true).await;
+    let cpu0 = relay.cpu_time();
+    let (rate, mut lat) = drive_relay(
+        relay.addr,
+        sessions,
+        secs,
+        size,
+        Mode::PerMessageClient,
+        None,
+    )
+    .await;
+    let cpu = relay.cpu_time() - cpu0;
+    let (_, hwm) = relay.peak_rss_kib();
+    println!(
+        "| relay + spool (fsync before 250), pool 4, conn per msg | {rate:.0} | {:.2} | {:.2} | {} | {:.0} | {:.1} |",
+        percentile(&mut lat, 0.5).as_secs_f64() * 1e3,
+        percentile(&mut lat, 0.99).as_secs_f64() * 1e3,
+        sandbox.control.smtp_stats().connections_opened - before.connections_opened,
+        cpu.as_secs_f64() * 1e6 / (rate * secs as f64).max(1.0),
+        hwm as f64 / 1024.0
+    );
+    let dir = relay.spool.clone()?;
+    let stats = tokio::task::spawn_blocking(move || request(&dir, &Request::Stats))
+        .await
+        .ok()?;
+    sandbox.control.set_keep_messages(true);
+    match stats {
+        Ok(Some(Response::Stats(s))) => Some(format!(
+            "spool: {} messages committed in {} batches, {} fsyncs = {:.3} fsyncs per message ({:.1} messages per batch); delivered upstream during the run: {}, still queued: {}",
+            s.committed,
+            s.batches,
+            s.fsyncs,
+            s.fsyncs_per_message,
+            s.committed as f64 / s.batches.max(1) as f64,
+            sandbox.control.smtp_stats().messages - before.messages,
+            s.queued
+        )),
+        _ => None,
+    }
 }

@@ -54,6 +54,9 @@ pub enum Command {
         #[arg(long, default_value_t = 4)]
         pool_size: usize,
     },
+    /// Run only the sandbox provider (fake Gmail + token endpoint) in the foreground,
+    /// for testing apps and other relays against it; prints a message count each second.
+    Sandbox(SandboxArgs),
     /// The spool's queue (like mailq / postqueue / postsuper): through the running
     /// daemon's control socket, or from the files when no daemon runs.
     Queue {
@@ -63,6 +66,31 @@ pub enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+}
+
+/// Options of `smtp-oauth-relay sandbox`.
+#[derive(Debug, clap::Args)]
+pub struct SandboxArgs {
+    /// Where the fake Gmail (STARTTLS + XOAUTH2) listens.
+    #[arg(long, default_value = "127.0.0.1:2587")]
+    pub smtp_listen: SocketAddr,
+    /// Where the fake token endpoint listens.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub token_listen: SocketAddr,
+    /// Write each received message here (default: keep nothing, count only).
+    #[arg(long, value_name = "DIR")]
+    pub mail_dir: Option<PathBuf>,
+    /// Lifetime of issued access tokens, in seconds.
+    #[arg(long, default_value_t = 3599, value_name = "SECS")]
+    pub token_lifetime: u64,
+    /// Also accept AUTH PLAIN with this password (for comparing password-only clients
+    /// such as Postfix against the same fake; Gmail itself refuses PLAIN).
+    #[arg(long, value_name = "PASSWORD")]
+    pub plain_password: Option<String>,
+    /// Directory where the sandbox writes its CA certificate, a token file and a relay
+    /// config pointing at it.
+    #[arg(long, value_name = "DIR", default_value = "sandbox-state")]
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

@@ -247,36 +247,13 @@ impl Check<'_> {
     }
 }
 
-fn is_loopback_host(host: &str) -> bool {
-    let h = host.trim_start_matches('[').trim_end_matches(']');
-    h.eq_ignore_ascii_case("localhost")
-        || h.parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Checks that a token URL is https, or http to a loopback host (a local test endpoint).
+/// Checks that a token URL is https, or http to a loopback host (a local test endpoint);
+/// the reason names what is wrong.
 pub fn check_token_url(url: &str) -> Result<(), String> {
-    let rest = if let Some(r) = url.strip_prefix("https://") {
-        r
-    } else if let Some(r) = url.strip_prefix("http://") {
-        let host_port = r.split('/').next().unwrap_or("");
-        let host = match host_port.rsplit_once(':') {
-            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
-            _ => host_port,
-        };
-        if !is_loopback_host(host) {
-            return Err(format!(
-                "{url:?} uses plain http to a non-loopback host; use https:// (plain http is allowed only for 127.0.0.1, ::1 and localhost)"
-            ));
-        }
-        r
-    } else {
-        return Err(format!("{url:?} is not an http(s) URL"));
-    };
-    if rest.is_empty() || rest.starts_with('/') {
-        return Err(format!("{url:?} has no host"));
-    }
-    Ok(())
+    crate::oauth::refresh::validate_token_url(url).map_err(|e| match e {
+        crate::oauth::OAuthError::TokenUrl { reason, .. } => reason,
+        other => other.to_string(),
+    })
 }
 
 impl RawConfig {

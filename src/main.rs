@@ -57,6 +57,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             for a in &config.accounts {
                 daemon::upstream_settings(a, &config.server.hostname)?;
                 daemon::refresher(a)?;
+                oauth::TokenStore::new(a.token_file.clone())
+                    .load()
+                    .with_context(|| format!("account {}: `token_file`", a.name))?;
             }
             println!("{}: OK", cli.config.display());
         }
@@ -106,6 +109,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })
             .await?;
         }
+        Command::Sandbox(args) => demo::run_sandbox(args).await?,
         Command::Queue { json, command } => {
             let config = Config::load(&cli.config)?;
             let Some(spool) = &config.spool else {

@@ -80,8 +80,9 @@ pub async fn run_session<IO, D>(
         skip: 0,
     };
     let end = session.run().await;
-    // Send FIN after the last reply; a client that stopped reading cannot hold us.
-    let _ = tokio::time::timeout(Duration::from_secs(1), session.io.shutdown()).await;
+    // Every reply was written (and awaited) by `run`; dropping the stream closes it, which
+    // sends the FIN without a shutdown() syscall of its own (hot with one connection per
+    // message).
     info!(
         %peer,
         session = %session_id,

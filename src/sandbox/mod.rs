@@ -65,6 +65,10 @@ pub struct SandboxOptions {
     pub smtp_listen: SocketAddr,
     /// Where the fake token endpoint listens; default `127.0.0.1:0`.
     pub token_listen: SocketAddr,
+    /// For benchmarks only: a password AUTH PLAIN accepts for the sandbox user, so a
+    /// client without XOAUTH2 (Postfix) can be measured against the same fake. Default
+    /// `None`: PLAIN always fails, as on Gmail.
+    pub plain_password: Option<String>,
 }
 
 impl Default for SandboxOptions {
@@ -76,6 +80,7 @@ impl Default for SandboxOptions {
             message_dir: None,
             smtp_listen: loopback,
             token_listen: loopback,
+            plain_password: None,
         }
     }
 }
@@ -132,6 +137,7 @@ impl Sandbox {
             client_id: "000000000000-sandbox.apps.googleusercontent.com".to_string(),
             client_secret: format!("GOCSPX-sandbox-{}", random_string(24)),
             message_dir: opts.message_dir.clone(),
+            plain_password: opts.plain_password.clone(),
             cancel: cancel.clone(),
             tokens: Mutex::new(TokenState {
                 access: HashMap::new(),
@@ -439,6 +445,7 @@ pub(crate) struct Shared {
     pub(crate) client_id: String,
     pub(crate) client_secret: String,
     pub(crate) message_dir: Option<PathBuf>,
+    pub(crate) plain_password: Option<String>,
     pub(crate) cancel: CancellationToken,
     pub(crate) tokens: Mutex<TokenState>,
     pub(crate) smtp: Mutex<SmtpSettings>,

@@ -795,6 +795,20 @@ impl Session {
         }
     }
 
+    /// Is `line` a base64 PLAIN response (`authzid NUL user NUL password`) with the
+    /// sandbox user and its benchmark password?
+    fn plain_ok(&self, line: &str) -> bool {
+        let Some(password) = &self.shared.plain_password else {
+            return false;
+        };
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(line.trim()) else {
+            return false;
+        };
+        let mut parts = decoded.split(|&b| b == 0).skip(1);
+        parts.next() == Some(self.shared.username.as_bytes())
+            && parts.next() == Some(password.as_bytes())
+    }
+
     fn challenge(&mut self, out: &mut Vec<u8>, text: &str, mechanism: AuthMechanism, step: u8) {
         self.reply(out, Reply::plain(334, text));
         self.state = State::AuthLine {
@@ -853,7 +867,15 @@ impl Session {
             AuthMechanism::Login if step == 0 => {
                 self.challenge(out, "UGFzc3dvcmQ6", AuthMechanism::Login, 1); // "Password:"
             }
-            // The sandbox account has no password: PLAIN and LOGIN always fail, as they
+            // With a benchmark password set (`SandboxOptions::plain_password`), PLAIN
+            // accepts it, so a password-only client (Postfix) can be measured against
+            // the same fake.
+            AuthMechanism::Plain if self.plain_ok(line) => {
+                stats.auth_ok.fetch_add(1, Ordering::Relaxed);
+                self.auth_user = Some(self.shared.username.clone());
+                self.reply(out, Reply::new(235, [2, 7, 0], "Accepted"));
+            }
+            // Otherwise the account has no password: PLAIN and LOGIN always fail, as they
             // do on Gmail for accounts without an app password.
             AuthMechanism::Login | AuthMechanism::Plain => {
                 stats.auth_failed.fetch_add(1, Ordering::Relaxed);

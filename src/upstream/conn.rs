@@ -1,7 +1,9 @@
 //! One authenticated upstream connection: TCP, greeting, EHLO, mandatory STARTTLS, EHLO
 //! again, our own `AUTH XOAUTH2` exchange, then mail transactions — pipelined (RFC 2920)
 //! when the server allows it, so MAIL, every RCPT and DATA leave in one write and the
-//! message body plus the final dot in as few writes as possible.
+//! message body plus the final dot in as few writes as possible. Where the server also
+//! offers CHUNKING (RFC 3030; Gmail does), a message up to 256 KiB goes as MAIL, RCPT…,
+//! `BDAT n LAST` and its bytes in a single write: one round trip, no dot-stuffing.
 //!
 //! Replies are read with `smtp-proto`'s parser over a buffer that keeps whatever follows
 //! a reply (unlike `mail-send`'s `read`), so pipelined replies are never lost. The token
@@ -40,6 +42,8 @@ struct Wire<S> {
     rbuf: BytesMut,
     timeout: Duration,
     addr: Arc<str>,
+    /// The peer reset the connection (RST): it closed with our bytes unread.
+    reset: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
@@ -49,7 +53,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
             rbuf: BytesMut::with_capacity(4096),
             timeout,
             addr,
+            reset: false,
         }
+    }
+
+    fn lost_io(&mut self, stage: Stage, e: std::io::Error) -> UpstreamError {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+        self.reset |= matches!(e.kind(), ConnectionReset | BrokenPipe);
+        self.lost(stage, e)
     }
 
     fn lost(&self, stage: Stage, cause: impl ToString) -> UpstreamError {
@@ -76,7 +87,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
         };
         match tokio::time::timeout(self.timeout, io).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.lost(stage, e)),
+            Ok(Err(e)) => Err(self.lost_io(stage, e)),
             Err(_) => Err(self.timed_out(stage)),
         }
     }
@@ -109,7 +120,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
             match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)).await {
                 Ok(Ok(0)) => return Err(self.lost(stage, "connection closed by upstream")),
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(self.lost(stage, e)),
+                Ok(Err(e)) => return Err(self.lost_io(stage, e)),
                 Err(_) => return Err(self.timed_out(stage)),
             }
         }
@@ -148,6 +159,8 @@ pub(crate) struct Capabilities {
     pub size: Option<u64>,
     pub eightbitmime: bool,
     pub smtputf8: bool,
+    /// `CHUNKING` (RFC 3030): BDAT is accepted.
+    pub chunking: bool,
     /// Upper-case mechanism names after `AUTH`.
     pub auth: Vec<String>,
 }
@@ -165,6 +178,7 @@ impl Capabilities {
                 "PIPELINING" => caps.pipelining = true,
                 "8BITMIME" => caps.eightbitmime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
+                "CHUNKING" => caps.chunking = true,
                 "SIZE" => caps.size = words.next().and_then(|n| n.parse().ok()).filter(|&n| n > 0),
                 "AUTH" => caps.auth = words.map(|w| w.to_ascii_uppercase()).collect(),
                 _ => {}
@@ -515,6 +529,9 @@ impl Connection {
         envelope: &Envelope,
         data: &[u8],
     ) -> Result<SendReport, TxError> {
+        if self.caps.pipelining && self.caps.chunking && data.len() <= WRITE_CHUNK {
+            return self.transaction_bdat(envelope, data).await;
+        }
         let n = envelope.recipients.len();
         let mut out = Vec::with_capacity(64 + 48 * (n + 1));
         self.mail_command(envelope, data, &mut out);
@@ -658,6 +675,140 @@ impl Connection {
             recipients,
             data: Some(reply),
         })
+    }
+
+    /// One transaction in one write and one round trip (RFC 3030 CHUNKING with RFC 2920
+    /// PIPELINING, as Gmail offers): `MAIL`, every `RCPT`, `BDAT <n> LAST` and the
+    /// message itself (no dot-stuffing), then the replies together.
+    ///
+    /// Since the message leaves with the MAIL command, a connection that dies before
+    /// answering is only safe to retry when our write itself failed (the server had
+    /// closed before the bytes arrived) or it first answered with a 4xx/421 (it refused
+    /// or was closing, so it took nothing); any other loss is indeterminate.
+    async fn transaction_bdat(
+        &mut self,
+        envelope: &Envelope,
+        data: &[u8],
+    ) -> Result<SendReport, TxError> {
+        use std::io::Write;
+        let n = envelope.recipients.len();
+        let mut out = Vec::with_capacity(96 + 48 * n + data.len());
+        self.mail_command(envelope, data, &mut out);
+        for r in &envelope.recipients {
+            out.extend_from_slice(b"RCPT TO:<");
+            out.extend_from_slice(r.as_bytes());
+            out.extend_from_slice(b">\r\n");
+        }
+        let _ = write!(out, "BDAT {} LAST\r\n", data.len());
+        out.extend_from_slice(data);
+
+        if let Err(e) = self.wire.write(&out, Stage::Mail).await {
+            return Err(TxError {
+                retry_on_fresh: is_dead(&e),
+                error: e,
+            });
+        }
+        let mail = match self.wire.read_reply(Stage::Mail).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.bdat_lost(e)),
+        };
+        let mail_ok = (200..300).contains(&mail.code);
+        if mail.code == 421 || (400..500).contains(&mail.code) {
+            // Refused or closing at MAIL: nothing that follows was taken. If the server
+            // also hangs up, a fresh connection may retry.
+            let refused_mail = |e: UpstreamError| TxError {
+                retry_on_fresh: is_dead(&e),
+                error: e,
+            };
+            if mail.code == 421 {
+                self.broken = true;
+                return Err(refused_mail(self.closing(Stage::Mail, &mail)));
+            }
+            // Read the rest so the connection stays in step; a hang-up here was most
+            // likely an idle timeout racing our batch.
+            for _ in 0..=n {
+                if let Err(e) = self.wire.read_reply(Stage::Rcpt).await {
+                    self.broken = true;
+                    return Err(refused_mail(e));
+                }
+            }
+            self.needs_rset = true;
+            return Err(TxError::fatal(UpstreamError::Rejected {
+                addr: self.wire.addr.to_string(),
+                stage: Stage::Mail,
+                reply: Reply::from_response(&mail),
+            }));
+        }
+        let mut recipients = Vec::with_capacity(n);
+        for r in &envelope.recipients {
+            let reply = self
+                .wire
+                .read_reply(Stage::Rcpt)
+                .await
+                .map_err(|e| self.bdat_lost(e))?;
+            if reply.code == 421 {
+                // Closing before the message was taken: not delivered, not resent.
+                self.broken = true;
+                return Err(TxError::fatal(self.closing(Stage::Rcpt, &reply)));
+            }
+            recipients.push(RecipientOutcome {
+                address: r.clone(),
+                accepted: (200..300).contains(&reply.code),
+                reply: Reply::from_response(&reply),
+            });
+        }
+        let last = self
+            .wire
+            .read_reply(Stage::Body)
+            .await
+            .map_err(|e| self.bdat_lost(e))?;
+        if last.code == 421 {
+            self.broken = true;
+            return Err(TxError::fatal(self.closing(Stage::Body, &last)));
+        }
+        if !mail_ok {
+            self.needs_rset = true;
+            return Err(TxError::fatal(UpstreamError::Rejected {
+                addr: self.wire.addr.to_string(),
+                stage: Stage::Mail,
+                reply: Reply::from_response(&mail),
+            }));
+        }
+        if !recipients.iter().any(|r| r.accepted) {
+            // The BDAT was refused for want of recipients; the message went nowhere.
+            self.needs_rset = true;
+            return Ok(SendReport {
+                recipients,
+                data: None,
+            });
+        }
+        let reply = Reply::from_response(&last);
+        if reply.is_positive() {
+            self.messages += 1;
+        } else {
+            self.needs_rset = true;
+        }
+        Ok(SendReport {
+            recipients,
+            data: Some(reply),
+        })
+    }
+
+    /// A BDAT batch's connection died before its last reply. A reset (RST) means the
+    /// server closed with our bytes unread, so the chunk was not taken whole and nothing
+    /// was delivered: safe to retry. A clean close is indeterminate: the message may
+    /// have been taken, and it is never resent.
+    fn bdat_lost(&self, e: UpstreamError) -> TxError {
+        match e {
+            UpstreamError::ConnectionLost { .. } if self.wire.reset => TxError {
+                retry_on_fresh: true,
+                error: e,
+            },
+            UpstreamError::ConnectionLost { addr, cause, .. } => {
+                TxError::fatal(UpstreamError::Indeterminate { addr, cause })
+            }
+            other => TxError::fatal(other),
+        }
     }
 
     async fn write_body(&mut self, data: &[u8]) -> Result<Response<String>, UpstreamError> {

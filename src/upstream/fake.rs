@@ -29,6 +29,9 @@ pub struct FakeOptions {
     pub pipelining: bool,
     pub size: Option<u64>,
     pub smtputf8: bool,
+    /// Advertise CHUNKING. This fake does not implement BDAT, so it is off by default and
+    /// these tests cover the DATA path; the BDAT path runs against the sandbox.
+    pub chunking: bool,
     /// Recipients refused with 550 5.1.1.
     pub refuse: Vec<String>,
     /// Per connection: after this many messages, close silently on the next command.
@@ -53,6 +56,7 @@ impl Default for FakeOptions {
             pipelining: true,
             size: Some(35882577),
             smtputf8: true,
+            chunking: false,
             refuse: Vec::new(),
             vanish_after: None,
             say_421_after: None,
@@ -277,7 +281,10 @@ async fn secure_session<S: AsyncRead + AsyncWrite + Unpin>(
                 if opts.smtputf8 {
                     out.push_str("250-SMTPUTF8\r\n");
                 }
-                out.push_str("250 CHUNKING\r\n");
+                if opts.chunking {
+                    out.push_str("250-CHUNKING\r\n");
+                }
+                out.push_str("250 HELP\r\n");
                 out
             }
             "AUTH" => {

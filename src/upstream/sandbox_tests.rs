@@ -215,3 +215,60 @@ async fn sandbox_throughput() {
         );
     }
 }
+
+#[tokio::test]
+async fn sandbox_small_messages_go_as_one_bdat_batch_large_ones_with_data() {
+    let (sb, pool) = setup(1).await;
+    // Gmail offers CHUNKING + PIPELINING: a small message is MAIL, RCPT, BDAT LAST and
+    // its bytes in one write, never dot-stuffed (a lone "." line stays as it is).
+    let small = b"Subject: s\r\n\r\n.\r\n..x\r\n".to_vec();
+    assert!(pool
+        .send(&envelope(&["a@example.org"]), &small)
+        .await
+        .unwrap()
+        .delivered());
+    let stats = sb.control.smtp_stats();
+    assert_eq!(stats.commands.get("BDAT").copied(), Some(1), "{stats:?}");
+    assert_eq!(stats.commands.get("DATA").copied(), None, "{stats:?}");
+    assert_eq!(sb.control.messages()[0].data, small);
+
+    // Larger than one write: the DATA path, dot-stuffed, byte-exact at the other end.
+    let mut big = b"Subject: big\r\n\r\n".to_vec();
+    while big.len() < 300 * 1024 {
+        big.extend_from_slice(b".a line that starts with a dot, 0123456789\r\n");
+    }
+    assert!(pool
+        .send(&envelope(&["b@example.org"]), &big)
+        .await
+        .unwrap()
+        .delivered());
+    let stats = sb.control.smtp_stats();
+    assert_eq!(stats.commands.get("DATA").copied(), Some(1), "{stats:?}");
+    assert_eq!(sb.control.messages()[1].data, big);
+}
+
+#[tokio::test]
+async fn sandbox_bdat_with_every_recipient_refused_reports_them_and_resets() {
+    let (sb, pool) = setup(1).await;
+    sb.control
+        .refuse_recipient("gone@example.org", gmail_no_such_user());
+    let report = pool
+        .send(&envelope(&["gone@example.org"]), b"Subject: x\r\n\r\nx\r\n")
+        .await
+        .unwrap();
+    assert!(report.data.is_none(), "nobody accepted: {report:?}");
+    assert_eq!(report.recipients[0].reply.code, 550);
+    assert!(sb.control.messages().is_empty());
+    // The same connection carries the next message.
+    assert!(pool
+        .send(&envelope(&["ok@example.org"]), b"Subject: y\r\n\r\ny\r\n")
+        .await
+        .unwrap()
+        .delivered());
+    let stats = sb.control.smtp_stats();
+    assert_eq!(stats.connections_opened, 1, "{stats:?}");
+    assert!(
+        stats.commands.get("RSET").copied().unwrap_or(0) >= 1,
+        "{stats:?}"
+    );
+}

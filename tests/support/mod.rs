@@ -15,6 +15,7 @@ pub use smtp_oauth_relay::sandbox::{Sandbox, SandboxControl, SandboxOptions};
 use smtp_oauth_relay::{
     config::Config,
     daemon::{Daemon, DaemonHooks},
+    demo::{write_relay_config, RelayConfigOptions},
     spool::SpoolWriter,
 };
 use tokio::{
@@ -126,19 +127,6 @@ impl Harness {
             f(&sandbox);
         }
         let dir = tempfile::tempdir().unwrap();
-        let token_file = dir.path().join("token.json");
-        std::fs::write(
-            &token_file,
-            format!("{{\"refresh_token\": \"{}\"}}", sandbox.refresh_token),
-        )
-        .unwrap();
-        std::fs::set_permissions(
-            &token_file,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
-        let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, &sandbox.ca_pem).unwrap();
         let proxy = match setup.proxy {
             Some(up) => {
                 let p = Proxy::start(sandbox.smtp_addr).await;
@@ -147,7 +135,6 @@ impl Harness {
             }
             None => None,
         };
-        let smtp_addr = proxy.as_ref().map_or(sandbox.smtp_addr, |p| p.addr);
         let spool = setup
             .spool
             .as_ref()
@@ -158,47 +145,35 @@ impl Harness {
                 )
             })
             .unwrap_or_default();
-        let config_text = format!(
-            r#"
-[server]
-listen = ["127.0.0.1:0"]
-hostname = "relay.test"
-max_message_size = {max_size}
-
-[[account]]
-name = "sandbox"
-provider = "gmail"
-username = "{user}"
-client_id = "{client_id}"
-client_secret = "{client_secret}"
-token_file = "{token_file}"
-smtp_host = "{ip}"
-smtp_port = {port}
-tls_server_name = "{tls_name}"
-token_url = "{token_url}"
-ca_file = "{ca_file}"
-pool_size = {pool}
-refresh_margin_secs = {margin}
-{extra}
-{spool}
-"#,
-            max_size = setup.max_message_size,
-            user = sandbox.username,
-            client_id = sandbox.client_id,
-            client_secret = sandbox.client_secret,
-            token_file = token_file.display(),
-            ip = smtp_addr.ip(),
-            port = smtp_addr.port(),
-            tls_name = sandbox.tls_server_name,
-            token_url = sandbox.token_url,
-            ca_file = ca_file.display(),
-            pool = setup.pool_size,
-            margin = setup.refresh_margin_secs,
-            extra = setup.account_extra,
-            spool = spool,
+        let server_extra = format!("max_message_size = {}", setup.max_message_size);
+        let account_extra = format!(
+            "refresh_margin_secs = {}\n{}\n{spool}",
+            setup.refresh_margin_secs, setup.account_extra
         );
-        let config_path = dir.path().join("config.toml");
-        std::fs::write(&config_path, &config_text).unwrap();
+        let config_path = write_relay_config(
+            &sandbox,
+            dir.path(),
+            &RelayConfigOptions {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                hostname: "relay.test",
+                // Gmail's hints (invalid_grant text) with the sandbox's endpoints.
+                provider: "gmail",
+                pool_size: setup.pool_size,
+                server_extra: &server_extra,
+                account_extra: &account_extra,
+            },
+        )
+        .expect("test config written");
+        let mut config_text = std::fs::read_to_string(&config_path).unwrap();
+        if let Some(p) = &proxy {
+            // The relay talks to the fake Gmail through the proxy.
+            config_text = config_text.replace(
+                &format!("smtp_port = {}\n", sandbox.smtp_addr.port()),
+                &format!("smtp_port = {}\n", p.addr.port()),
+            );
+            std::fs::write(&config_path, &config_text).unwrap();
+        }
+        let token_file = dir.path().join("sandbox-token.json");
         let config = Config::load(&config_path).expect("test config is valid");
         let daemon = Daemon::start_with(
             config,
