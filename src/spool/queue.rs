@@ -70,7 +70,9 @@ impl Clock {
         let now_ms = self.now_ms();
         let now = Instant::now();
         if ms >= now_ms {
-            now + Duration::from_millis(ms - now_ms)
+            // A far-future time (a damaged state file) must not overflow the clock.
+            let ahead = Duration::from_millis((ms - now_ms).min(100 * 365 * 86_400_000));
+            now.checked_add(ahead).unwrap_or(now)
         } else {
             now.checked_sub(Duration::from_millis(now_ms - ms))
                 .unwrap_or(now)
@@ -369,7 +371,7 @@ impl<T: Transport> Queue<T> {
         e.in_flight = true;
         let data = e.data.take();
         if let Some(d) = &data {
-            self.cached_bytes -= d.len();
+            self.cached_bytes = self.cached_bytes.saturating_sub(d.len());
         }
         let job = Job {
             meta: e.meta.clone(),
@@ -502,7 +504,7 @@ impl<T: Transport> Queue<T> {
             self.schedule.remove(&k);
         }
         if let Some(d) = &e.data {
-            self.cached_bytes -= d.len();
+            self.cached_bytes = self.cached_bytes.saturating_sub(d.len());
         }
         let seg = e.loc.segment.clone();
         let last = match self.segments.get_mut(&seg) {

@@ -775,6 +775,31 @@ mod tests {
     }
 
     #[test]
+    fn state_files_round_trip_and_damaged_ones_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().to_owned(), Box::new(DiskWriter));
+        store.create_dirs().unwrap();
+        let (_, _) = store
+            .write_segment(&[(meta("S1"), b"x\r\n"), (meta("S2"), b"y\r\n")])
+            .unwrap();
+        let mut st = MessageState::new(&meta("S1"));
+        st.attempts = 3;
+        st.last_error = Some("451 4.3.0 later".into());
+        store.write_state("S1", &st).unwrap();
+        std::fs::write(store.state_path("S2"), b"{not json").unwrap();
+        std::fs::write(store.state_path("GONE"), b"{}").unwrap();
+        let r = store.recover().unwrap();
+        let s1 = r.messages.iter().find(|m| m.meta.id == "S1").unwrap();
+        assert_eq!(s1.state.as_ref(), Some(&st));
+        let s2 = r.messages.iter().find(|m| m.meta.id == "S2").unwrap();
+        assert!(
+            s2.state.is_none(),
+            "a damaged state means: try every recipient"
+        );
+        assert!(!store.state_path("GONE").exists(), "orphaned state removed");
+    }
+
+    #[test]
     fn garbage_is_never_a_message() {
         assert!(parse_segment(b"").error.is_some());
         let mut bytes = MAGIC.to_vec();
