@@ -169,6 +169,7 @@ impl Spool {
             store.clone(),
             transport,
             committer.clone(),
+            events.clone(),
             events_rx,
             recovery.messages,
             stop.clone(),

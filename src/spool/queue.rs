@@ -10,6 +10,10 @@
 //! the gate's backoff (doubling up to `probe_max`; `quota_retry` for the quota) has run
 //! out; the first probe that reaches the upstream opens the gate and the whole held queue
 //! flows again, `workers` at a time. Messages older than `max_queue_lifetime` are bounced.
+//!
+//! Disk: the queue counts each segment's live and not-yet-tried messages; a segment down
+//! to a quarter of its messages, all of them already tried (deferred), is compacted so a
+//! few long-deferred messages do not pin whole batches on disk.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -91,6 +95,11 @@ pub struct NewMessage {
 pub enum Event {
     Enqueued(Vec<NewMessage>),
     Control(Request, oneshot::Sender<Response>),
+    /// Compaction wrote copies of `from`'s live messages (`moved`: ID and new place).
+    Relocated {
+        from: String,
+        moved: Vec<(String, Location)>,
+    },
 }
 
 /// One line of `queue list`.
@@ -144,7 +153,29 @@ struct Entry {
     key: Option<(Instant, u64)>,
     in_flight: bool,
     delete_requested: bool,
+    /// Not attempted yet (counted in its segment's `fresh`).
+    fresh: bool,
 }
+
+/// What the queue knows of one segment file.
+#[derive(Debug, Default)]
+struct Segment {
+    /// Its messages still queued.
+    live: usize,
+    /// Its messages when the queue first saw it.
+    total: usize,
+    /// Its messages not attempted yet: while there are any, the file is about to empty
+    /// by itself and is not worth compacting.
+    fresh: usize,
+    /// A compaction of it is under way.
+    compacting: bool,
+}
+
+/// A segment down to this fraction of its messages (1/4)…
+const COMPACT_BELOW: usize = 4;
+/// …and holding at least this many at first is rewritten, so a few long-deferred
+/// messages do not pin a whole batch on disk.
+const COMPACT_MIN_TOTAL: usize = 8;
 
 enum Gate {
     Open,
@@ -162,7 +193,9 @@ struct Queue<T> {
     schedule: BTreeMap<(Instant, u64), String>,
     seq: u64,
     /// Live messages per segment.
-    segments: HashMap<String, usize>,
+    segments: HashMap<String, Segment>,
+    /// For compaction tasks to report back.
+    events: mpsc::UnboundedSender<Event>,
     workers: JoinSet<Done>,
     running: HashMap<tokio::task::Id, String>,
     gate: Gate,
@@ -178,6 +211,7 @@ pub fn start<T: Transport>(
     store: Arc<Store>,
     transport: T,
     committer: Committer,
+    events: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
     recovered: Vec<Recovered>,
     stop: CancellationToken,
@@ -195,6 +229,7 @@ pub fn start<T: Transport>(
         schedule: BTreeMap::new(),
         seq: 0,
         segments: HashMap::new(),
+        events,
         workers: JoinSet::new(),
         running: HashMap::new(),
         gate: Gate::Open,
@@ -216,7 +251,11 @@ impl<T: Transport> Queue<T> {
             warn!(id = %meta.id, "spool: queue ID seen twice; keeping the first");
             return;
         }
-        *self.segments.entry(loc.segment.clone()).or_default() += 1;
+        let fresh = state.attempts == 0;
+        let seg = self.segments.entry(loc.segment.clone()).or_default();
+        seg.live += 1;
+        seg.total += 1;
+        seg.fresh += usize::from(fresh);
         let data = data.filter(|d| {
             let keep = self.cached_bytes + d.len() <= MAX_CACHED_BYTES;
             if keep {
@@ -236,6 +275,7 @@ impl<T: Transport> Queue<T> {
                 key: None,
                 in_flight: false,
                 delete_requested: false,
+                fresh,
             },
         );
         self.schedule_at(&id, due);
@@ -277,6 +317,7 @@ impl<T: Transport> Queue<T> {
                         }
                     }
                     Some(Event::Control(req, reply)) => self.control(req, reply),
+                    Some(Event::Relocated { from, moved }) => self.relocated(from, moved),
                     None => break,
                 },
                 Some(joined) = self.workers.join_next_with_id(), if !self.workers.is_empty() => {
@@ -438,6 +479,11 @@ impl<T: Transport> Queue<T> {
             return;
         };
         entry.in_flight = false;
+        if std::mem::take(&mut entry.fresh) {
+            if let Some(s) = self.segments.get_mut(&entry.loc.segment) {
+                s.fresh = s.fresh.saturating_sub(1);
+            }
+        }
         match outcome {
             Outcome::Finished => {
                 self.finished += 1;
@@ -453,7 +499,10 @@ impl<T: Transport> Queue<T> {
                     return;
                 }
                 let due = Instant::now() + retry_in.unwrap_or(Duration::ZERO);
+                let seg = entry.loc.segment.clone();
                 self.schedule_at(&id, due);
+                // A message that will wait should not pin a mostly finished file.
+                self.maybe_compact(&seg);
             }
         }
     }
@@ -508,8 +557,11 @@ impl<T: Transport> Queue<T> {
         }
         let seg = e.loc.segment.clone();
         let last = match self.segments.get_mut(&seg) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
+            Some(s) if s.live > 1 => {
+                s.live -= 1;
+                if e.fresh {
+                    s.fresh = s.fresh.saturating_sub(1);
+                }
                 false
             }
             _ => {
@@ -520,6 +572,7 @@ impl<T: Transport> Queue<T> {
         if mark || last {
             let store = self.ctx.store.clone();
             let id = id.to_owned();
+            let seg = seg.clone();
             // Ordered on one blocking thread: mark, then remove the segment.
             tokio::task::spawn_blocking(move || {
                 if mark {
@@ -532,6 +585,123 @@ impl<T: Transport> Queue<T> {
                 }
             });
         }
+        if !last {
+            self.maybe_compact(&seg);
+        }
+    }
+
+    /// Compacts `seg` if it is down to a small part of its messages.
+    fn maybe_compact(&mut self, seg: &str) {
+        let sparse = self.segments.get(seg).is_some_and(|s| {
+            !s.compacting
+                && s.fresh == 0
+                && s.total >= COMPACT_MIN_TOTAL
+                && s.live * COMPACT_BELOW <= s.total
+        });
+        if sparse {
+            self.compact(seg);
+        }
+    }
+
+    /// Copies the live messages of a mostly finished segment into a new one (through
+    /// the committer: durable before anything refers to it), then `relocated` adopts
+    /// the copies and the old file goes. Messages in flight stay where they are.
+    fn compact(&mut self, seg: &str) {
+        let movable: Vec<(Arc<MessageMeta>, Location)> = self
+            .entries
+            .values()
+            .filter(|e| e.loc.segment == seg && !e.in_flight)
+            .map(|e| (e.meta.clone(), e.loc.clone()))
+            .collect();
+        if movable.is_empty() {
+            return;
+        }
+        if let Some(s) = self.segments.get_mut(seg) {
+            s.compacting = true;
+        }
+        let (store, events) = (self.ctx.store.clone(), self.events.clone());
+        let from = seg.to_owned();
+        // Its own segment file, not the committer's: the copies never share a file with
+        // new mail, so nothing else can finish (and delete) it before they are adopted.
+        tokio::task::spawn_blocking(move || {
+            let written = movable
+                .iter()
+                .map(|(m, loc)| Ok(((**m).clone(), store.read_data(loc)?)))
+                .collect::<Result<Vec<_>, super::SpoolError>>()
+                .and_then(|copies| {
+                    let batch: Vec<(MessageMeta, &[u8])> =
+                        copies.iter().map(|(m, d)| (m.clone(), &d[..])).collect();
+                    store.write_segment(&batch)
+                });
+            let moved = match written {
+                Ok((_, locs)) => movable
+                    .iter()
+                    .map(|(m, _)| m.id.clone())
+                    .zip(locs)
+                    .collect(),
+                Err(e) => {
+                    warn!(segment = %from, error = %e, "spool: compaction failed; the file stays as it is");
+                    Vec::new()
+                }
+            };
+            let _ = events.send(Event::Relocated { from, moved });
+        });
+    }
+
+    /// Adopts compaction's copies of messages still waiting in `from`; copies of
+    /// messages that finished or started an attempt meanwhile are marked done instead.
+    fn relocated(&mut self, from: String, moved: Vec<(String, Location)>) {
+        let mut adopted = Vec::new();
+        let mut orphans = Vec::new();
+        for (id, loc) in moved {
+            match self.entries.get_mut(&id) {
+                Some(e) if e.loc.segment == from && !e.in_flight => {
+                    e.loc = loc.clone();
+                    let s = self.segments.entry(loc.segment.clone()).or_default();
+                    s.live += 1;
+                    s.total += 1;
+                    adopted.push(id);
+                }
+                _ => orphans.push((id, loc.segment)),
+            }
+        }
+        let old_gone = match self.segments.get_mut(&from) {
+            Some(s) => {
+                s.compacting = false;
+                s.live = s.live.saturating_sub(adopted.len());
+                s.live == 0
+            }
+            None => true,
+        };
+        if old_gone {
+            self.segments.remove(&from);
+        }
+        // Copies nobody adopted: done in their new segment (gone if nothing was adopted).
+        let empty_new: Vec<String> = orphans
+            .iter()
+            .map(|(_, seg)| seg.clone())
+            .filter(|seg| !self.segments.contains_key(seg))
+            .collect();
+        if !adopted.is_empty() {
+            info!(segment = %from, moved = adopted.len(), "spool: compacted a mostly finished queue file");
+        }
+        let store = self.ctx.store.clone();
+        tokio::task::spawn_blocking(move || {
+            for id in &adopted {
+                if let Err(e) = store.mark_done(&from, id) {
+                    warn!(%id, error = %e, "spool: cannot record a moved message as done in its old file");
+                }
+            }
+            if old_gone {
+                store.remove_segment(&from);
+            }
+            for (id, seg) in &orphans {
+                let _ = store.mark_done(seg, id);
+            }
+            for seg in empty_new {
+                store.remove_segment(&seg);
+            }
+        });
     }
 
     fn item(&self, e: &Entry) -> QueueItem {
@@ -732,9 +902,41 @@ mod tests {
             workers: usize,
             probe_max: Duration,
         ) -> Rig {
+            Rig::start_seeded(transport, lifetime, workers, probe_max, &[])
+        }
+
+        /// With one segment already on disk: a message `SEEDnnn` to each of `seed`.
+        fn start_seeded<T: Transport>(
+            transport: T,
+            lifetime: Duration,
+            workers: usize,
+            probe_max: Duration,
+            seed: &[&str],
+        ) -> Rig {
             let dir = tempfile::tempdir().unwrap();
             let store = Arc::new(Store::new(dir.path().to_owned(), Box::new(DiskWriter)));
             store.create_dirs().unwrap();
+            let mut recovered = Vec::new();
+            if !seed.is_empty() {
+                let metas: Vec<MessageMeta> = seed
+                    .iter()
+                    .enumerate()
+                    .map(|(i, to)| MessageMeta {
+                        id: format!("SEED{i:03}"),
+                        sender: "app@example.com".into(),
+                        recipients: vec![(*to).to_owned()],
+                        eight_bit: false,
+                        smtputf8: false,
+                        arrival_ms: Clock::new().now_ms(),
+                    })
+                    .collect();
+                let batch: Vec<(MessageMeta, &[u8])> = metas
+                    .iter()
+                    .map(|m| (m.clone(), &b"Subject: seed\r\n\r\nx\r\n"[..]))
+                    .collect();
+                store.write_segment(&batch).unwrap();
+                recovered = store.recover().unwrap().messages;
+            }
             let settings = SpoolSettings::new(
                 crate::config::SpoolConfig {
                     dir: dir.path().to_owned(),
@@ -749,15 +951,16 @@ mod tests {
                 "smtp.example",
             );
             let (events, rx) = mpsc::unbounded_channel();
-            let (committer, _task) = commit::start(store.clone(), events);
+            let (committer, _task) = commit::start(store.clone(), events.clone());
             let stop = CancellationToken::new();
             let owner = start(
                 settings,
                 store,
                 transport,
                 committer.clone(),
+                events,
                 rx,
-                Vec::new(),
+                recovered,
                 stop.clone(),
             );
             Rig {
@@ -962,6 +1165,122 @@ mod tests {
         assert!(
             fake.max_in_flight.load(SeqCst) <= 3,
             "never more than `workers` in flight"
+        );
+        rig.stop().await;
+    }
+
+    /// Accepts everything except recipients in `stuck` (451), until `stuck` is cleared.
+    #[derive(Clone, Default)]
+    struct Picky {
+        stuck: Arc<Mutex<Vec<String>>>,
+        delivered: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Transport for Picky {
+        async fn send(&self, env: &Envelope, data: &[u8]) -> Result<SendReport, UpstreamError> {
+            let refuse = self.stuck.lock().unwrap().contains(&env.recipients[0]);
+            if !refuse {
+                let text = String::from_utf8_lossy(data).into_owned();
+                self.delivered
+                    .lock()
+                    .unwrap()
+                    .push(format!("{} {text}", env.recipients[0]));
+            }
+            let reply = if refuse {
+                Reply::new(451, [4, 2, 1], "later")
+            } else {
+                Reply::new(250, [2, 1, 5], "OK")
+            };
+            Ok(SendReport {
+                recipients: vec![RecipientOutcome {
+                    address: env.recipients[0].clone(),
+                    reply,
+                    accepted: !refuse,
+                }],
+                data: (!refuse).then(|| Reply::new(250, [2, 0, 0], "OK")),
+            })
+        }
+    }
+
+    fn segments_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir.join("queue"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_mostly_finished_segment_is_compacted_and_nothing_is_lost() {
+        let fake = Picky::default();
+        *fake.stuck.lock().unwrap() = vec!["stuck@example.org".into()];
+        let mut seed = vec!["ok@example.org"; 14];
+        seed.insert(3, "stuck@example.org");
+        seed.insert(9, "stuck@example.org");
+        let rig = Rig::start_seeded(
+            fake.clone(),
+            Duration::from_secs(86400),
+            2,
+            Duration::from_secs(8),
+            &seed,
+        );
+        let original = segments_in(rig.dir.path());
+        assert_eq!(original.len(), 1);
+        // 14 delivered, 2 deferred: the 16-message file is rewritten with the 2.
+        let t0 = Instant::now();
+        loop {
+            let segs = segments_in(rig.dir.path());
+            let ids: Vec<String> = segs
+                .iter()
+                .flat_map(|p| {
+                    crate::spool::store::parse_segment(&std::fs::read(p).unwrap_or_default())
+                        .records
+                        .into_iter()
+                        .map(|r| r.0.id)
+                })
+                .collect();
+            if fake.delivered.lock().unwrap().len() == 14 && !original[0].exists() {
+                // The two deferred ones (and any not yet tried when it ran) were copied
+                // into smaller files; the 16-message file is gone.
+                assert!(
+                    ids.iter().any(|i| i == "SEED003") && ids.iter().any(|i| i == "SEED009"),
+                    "{ids:?}"
+                );
+                assert!(ids.len() <= 4, "{ids:?}");
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "compacted within 30 s: {} delivered, {ids:?}",
+                fake.delivered.lock().unwrap().len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The moved messages are still delivered, once, with their bytes.
+        fake.stuck.lock().unwrap().clear();
+        while fake.delivered.lock().unwrap().len() < 16 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(600),
+                "retried within 10 min"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let delivered = fake.delivered.lock().unwrap().clone();
+        assert_eq!(delivered.len(), 16);
+        let stuck: Vec<_> = delivered
+            .iter()
+            .filter(|d| d.starts_with("stuck@"))
+            .collect();
+        assert_eq!(stuck.len(), 2);
+        assert!(
+            stuck.iter().all(|d| d.contains("Subject: seed")),
+            "{stuck:?}"
+        );
+        assert!(
+            segments_in(rig.dir.path()).is_empty(),
+            "queue/ is empty at the end"
         );
         rig.stop().await;
     }

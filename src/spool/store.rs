@@ -17,7 +17,9 @@
 //! fsynced, renamed into `queue/`, and `queue/` is fsynced: once that returns, every
 //! message in it is durable (two fsyncs per batch, whatever its size). A message is live
 //! while its ID is not in its segment's done log; a segment whose messages are all done
-//! is deleted. State files are rewritten atomically (tmp, fsync, rename) and only exist
+//! is deleted. A segment down to a quarter of its messages, all of them deferred, is
+//! compacted: its live messages are copied into a new segment (fsynced), then marked done
+//! in the old one. A crash in between leaves two copies; recovery keeps one per ID. State files are rewritten atomically (tmp, fsync, rename) and only exist
 //! for messages that were deferred or partly delivered.
 
 use std::{
