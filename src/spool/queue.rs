@@ -35,7 +35,7 @@ use super::{
     attempt::{Ctx, Done, Job, Outcome, Trouble},
     commit::Committer,
     control::{Request, Response},
-    store::{Location, MessageMeta, MessageState, RcptStatus, RecipientState, Recovered, Store},
+    store::{Location, MessageMeta, MessageState, RecipientState, Recovered, Store},
     SpoolSettings, Transport,
 };
 
@@ -712,33 +712,23 @@ impl<T: Transport> Queue<T> {
             Gate::Closed { until, .. } => *until,
             Gate::Open => Instant::now(),
         };
-        QueueItem {
-            id: e.meta.id.clone(),
-            arrival: e.meta.arrival_ms / 1000,
-            age_secs: now_ms.saturating_sub(e.meta.arrival_ms) / 1000,
-            size: e.loc.len,
-            sender: e.meta.sender.clone(),
-            recipients: e.state.pending().map(|r| r.address.clone()).collect(),
-            attempts: e.state.attempts,
-            next_attempt: (!e.in_flight).then(|| {
-                let due = e
-                    .key
-                    .map(|k| k.0)
-                    .unwrap_or_else(Instant::now)
-                    .max(not_before)
-                    .saturating_duration_since(Instant::now());
-                (now_ms + due.as_millis() as u64) / 1000
-            }),
-            last_error: e.state.last_error.clone(),
-            status: if e.in_flight {
-                "active"
-            } else if held && e.state.attempts > 0 {
-                "held"
-            } else {
-                "deferred"
-            }
-            .to_owned(),
-        }
+        let next_attempt = (!e.in_flight).then(|| {
+            let due = e
+                .key
+                .map(|k| k.0)
+                .unwrap_or_else(Instant::now)
+                .max(not_before)
+                .saturating_duration_since(Instant::now());
+            (now_ms + due.as_millis() as u64) / 1000
+        });
+        let status = if e.in_flight {
+            "active"
+        } else if held && e.state.attempts > 0 {
+            "held"
+        } else {
+            "deferred"
+        };
+        QueueItem::of(&e.meta, &e.loc, &e.state, now_ms, next_attempt, status)
     }
 
     fn stats(&self) -> SpoolStats {
@@ -852,26 +842,38 @@ pub fn offline_items(store: &Store) -> Result<Vec<QueueItem>, super::SpoolError>
 }
 
 pub fn offline_item(r: &Recovered, now_ms: u64) -> QueueItem {
-    let state = r
-        .state
-        .clone()
-        .unwrap_or_else(|| MessageState::new(&r.meta));
-    QueueItem {
-        id: r.meta.id.clone(),
-        arrival: r.meta.arrival_ms / 1000,
-        age_secs: now_ms.saturating_sub(r.meta.arrival_ms) / 1000,
-        size: r.loc.len,
-        sender: r.meta.sender.clone(),
-        recipients: state
-            .recipients
-            .iter()
-            .filter(|x| x.status == RcptStatus::Pending)
-            .map(|x| x.address.clone())
-            .collect(),
-        attempts: state.attempts,
-        next_attempt: None,
-        last_error: state.last_error.clone(),
-        status: "stopped".into(),
+    let fresh;
+    let state = match &r.state {
+        Some(s) => s,
+        None => {
+            fresh = MessageState::new(&r.meta);
+            &fresh
+        }
+    };
+    QueueItem::of(&r.meta, &r.loc, state, now_ms, None, "stopped")
+}
+
+impl QueueItem {
+    fn of(
+        meta: &MessageMeta,
+        loc: &Location,
+        state: &MessageState,
+        now_ms: u64,
+        next_attempt: Option<u64>,
+        status: &str,
+    ) -> QueueItem {
+        QueueItem {
+            id: meta.id.clone(),
+            arrival: meta.arrival_ms / 1000,
+            age_secs: now_ms.saturating_sub(meta.arrival_ms) / 1000,
+            size: loc.len,
+            sender: meta.sender.clone(),
+            recipients: state.pending().map(|r| r.address.clone()).collect(),
+            attempts: state.attempts,
+            next_attempt,
+            last_error: state.last_error.clone(),
+            status: status.to_owned(),
+        }
     }
 }
 
