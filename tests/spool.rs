@@ -755,7 +755,15 @@ async fn restart_resumes_with_the_recipients_still_pending() {
         dir.join("queue").join(format!("{id}.state")).exists()
     })
     .await;
-    let items = list(&dir).await;
+    // The queue hears of the attempt's outcome just after the state file is written.
+    let mut items = list(&dir).await;
+    for _ in 0..100 {
+        if items.len() == 1 && items[0].status != "active" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        items = list(&dir).await;
+    }
     assert_eq!(items.len(), 1);
     assert_eq!(items[0].recipients, vec!["later@example.org".to_string()]);
     assert_eq!(items[0].attempts, 1);
