@@ -487,7 +487,11 @@ async fn queue_cli_through_the_daemon_and_without_it() {
     let (ok, out) = tokio::task::spawn_blocking(move || cli(&c2, &["flush"]))
         .await
         .unwrap();
-    assert!(ok && out.contains("flushed: 2"), "{out}");
+    // Two left after the delete; one may be out as a probe of the down upstream.
+    assert!(
+        ok && (out.contains("flushed: 2") || out.contains("flushed: 1")),
+        "{out}"
+    );
     // Without the daemon, the files answer.
     let Harness {
         daemon,
