@@ -198,6 +198,9 @@ struct Queue<T> {
     events: mpsc::UnboundedSender<Event>,
     workers: JoinSet<Done>,
     running: HashMap<tokio::task::Id, String>,
+    /// File work started by the queue (done marks, removals, compaction): waited for at
+    /// stop, so a `queue delete` answered before shutdown is on disk after it.
+    io: tokio_util::task::TaskTracker,
     gate: Gate,
     cached_bytes: usize,
     finished: u64,
@@ -232,6 +235,7 @@ pub fn start<T: Transport>(
         events,
         workers: JoinSet::new(),
         running: HashMap::new(),
+        io: tokio_util::task::TaskTracker::new(),
         gate: Gate::Open,
         cached_bytes: 0,
         finished: 0,
@@ -356,6 +360,8 @@ impl<T: Transport> Queue<T> {
             warn!(in_flight = self.workers.len(), "spool: stopping with attempts still in flight; they will be retried at the next start");
             self.workers.abort_all();
         }
+        self.io.close();
+        self.io.wait().await;
     }
 
     /// The next time something is due, if anything can be dispatched then.
@@ -574,7 +580,7 @@ impl<T: Transport> Queue<T> {
             let id = id.to_owned();
             let seg = seg.clone();
             // Ordered on one blocking thread: mark, then remove the segment.
-            tokio::task::spawn_blocking(move || {
+            self.io.spawn_blocking(move || {
                 if mark {
                     if let Err(e) = store.mark_done(&seg, &id) {
                         warn!(%id, error = %e, "spool: cannot record a deleted message as done");
@@ -623,7 +629,7 @@ impl<T: Transport> Queue<T> {
         let from = seg.to_owned();
         // Its own segment file, not the committer's: the copies never share a file with
         // new mail, so nothing else can finish (and delete) it before they are adopted.
-        tokio::task::spawn_blocking(move || {
+        self.io.spawn_blocking(move || {
             let written = movable
                 .iter()
                 .map(|(m, loc)| Ok(((**m).clone(), store.read_data(loc)?)))
@@ -686,7 +692,7 @@ impl<T: Transport> Queue<T> {
             info!(segment = %from, moved = adopted.len(), "spool: compacted a mostly finished queue file");
         }
         let store = self.ctx.store.clone();
-        tokio::task::spawn_blocking(move || {
+        self.io.spawn_blocking(move || {
             for id in &adopted {
                 if let Err(e) = store.mark_done(&from, id) {
                     warn!(%id, error = %e, "spool: cannot record a moved message as done in its old file");
@@ -809,7 +815,7 @@ impl<T: Transport> Queue<T> {
                 let recipients = e.state.recipients.clone();
                 let loc = e.loc.clone();
                 let store = self.ctx.store.clone();
-                tokio::task::spawn_blocking(move || {
+                self.io.spawn_blocking(move || {
                     let headers = store
                         .read_data(&loc)
                         .map(|d| {
