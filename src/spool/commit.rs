@@ -81,6 +81,7 @@ fn each(e: &SpoolError) -> SpoolError {
         SpoolError::NotFound(s) => SpoolError::NotFound(s.clone()),
         SpoolError::Control(s) => SpoolError::Control(s.clone()),
         SpoolError::Task(s) => SpoolError::Task(s.clone()),
+        SpoolError::NotASpool(p) => SpoolError::NotASpool(p.clone()),
         SpoolError::Stopped => SpoolError::Stopped,
     }
 }

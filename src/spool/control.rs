@@ -162,10 +162,7 @@ pub fn request(dir: &Path, req: &Request) -> Result<Option<Response>, SpoolError
 pub fn offline(dir: &Path, req: &Request) -> Result<Response, SpoolError> {
     let store = Store::new(dir.to_owned(), Box::new(DiskWriter));
     if !store.queue_dir().is_dir() {
-        return Err(SpoolError::Control(format!(
-            "{} is not a spool directory (no queue/ in it)",
-            dir.display()
-        )));
+        return Err(SpoolError::NotASpool(dir.to_owned()));
     }
     let _lock = store.lock().map_err(|_| {
         SpoolError::Control(format!(

@@ -48,6 +48,8 @@ pub enum SpoolError {
     NotFound(String),
     #[error("control socket: {0}")]
     Control(String),
+    #[error("{} is not a spool directory (no queue/ in it); the relay creates it when it first runs with this [spool] dir", .0.display())]
+    NotASpool(PathBuf),
     /// A blocking task of the spool died (a bug, not bad input).
     #[error("spool task failed: {0}")]
     Task(String),
@@ -67,7 +69,10 @@ impl SpoolError {
                 [4, 3, 0],
                 "The relay is shutting down; try again later",
             ),
-            SpoolError::NotFound(_) | SpoolError::Control(_) | SpoolError::Task(_) => Reply::new(
+            SpoolError::NotFound(_)
+            | SpoolError::Control(_)
+            | SpoolError::NotASpool(_)
+            | SpoolError::Task(_) => Reply::new(
                 451,
                 [4, 3, 0],
                 "Local error in the relay's queue; try again later",
