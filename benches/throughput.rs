@@ -7,10 +7,14 @@
 //!   pooled     — through the relay, pool on, one client connection per message
 //!                (like Postfix's smtp-source);
 //!   pooled-reuse — through the relay, clients reuse their connection;
-//!   per-message — through the relay with pool_size = 0.
+//!   per-message — through the relay with pool_size = 0;
+//!   spool      — through the relay with `[spool]`: every 250 follows a durable (fsynced)
+//!                write; the fsyncs per message come from the spool's own counter, read
+//!                over its control socket.
 //! Then 1,000 idle client connections for the RSS figure.
 //!
-//! Run: `cargo bench --bench throughput` (env BENCH_SECS, BENCH_SESSIONS, BENCH_SIZE).
+//! Run: `cargo bench --bench throughput` (env BENCH_SECS, BENCH_SESSIONS, BENCH_SIZE;
+//! BENCH_RUNS=direct,pooled,spool,idle to pick runs).
 
 use std::{
     net::SocketAddr,
@@ -259,12 +263,23 @@ async fn fetch_token(sandbox: &Sandbox) -> String {
 struct RelayProcess {
     child: Child,
     addr: SocketAddr,
+    /// The spool directory, when started with one.
+    spool: Option<std::path::PathBuf>,
     _dir: tempfile::TempDir,
 }
 
 impl RelayProcess {
     async fn start(sandbox: &Sandbox, pool_size: usize) -> RelayProcess {
+        RelayProcess::start_with(sandbox, pool_size, false).await
+    }
+
+    async fn start_with(sandbox: &Sandbox, pool_size: usize, spool: bool) -> RelayProcess {
         let dir = tempfile::tempdir().unwrap();
+        let spool_dir = spool.then(|| dir.path().join("spool"));
+        let spool_table = spool_dir
+            .as_ref()
+            .map(|d| format!("\n[spool]\ndir = \"{}\"\n", d.display()))
+            .unwrap_or_default();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -279,6 +294,7 @@ impl RelayProcess {
                 hostname: "relay.bench",
                 pool_size,
                 server_extra: "max_connections = 2000",
+                account_extra: &spool_table,
                 ..RelayConfigOptions::default()
             },
         )
@@ -301,6 +317,7 @@ impl RelayProcess {
         RelayProcess {
             child,
             addr,
+            spool: spool_dir,
             _dir: dir,
         }
     }
@@ -380,26 +397,43 @@ async fn run() {
     println!("| run | msgs/s | p50 ms | p99 ms | upstream conns opened | relay CPU µs/msg | relay peak RSS MiB |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
 
-    let direct = drive_direct(&sandbox, sessions, secs, size, false).await;
-    println!("| direct to sandbox, sessions reuse authenticated conns (limit) | {direct:.0} | | | {sessions} | | |");
-    let before = sandbox.control.smtp_stats().connections_opened;
-    let direct_pm = drive_direct(&sandbox, sessions, secs, size, true).await;
-    let opened = sandbox.control.smtp_stats().connections_opened - before;
-    println!(
-        "| direct to sandbox, conn + STARTTLS + AUTH per msg | {direct_pm:.0} | | | {opened} | | |"
-    );
+    let runs = std::env::var("BENCH_RUNS").unwrap_or_else(|_| "direct,pooled,spool,idle".into());
+    let want = |r: &str| runs.split(',').any(|x| x.trim() == r);
+
+    let (mut direct, mut direct_pm) = (0.0, 0.0);
+    if want("direct") {
+        direct = drive_direct(&sandbox, sessions, secs, size, false).await;
+        println!("| direct to sandbox, sessions reuse authenticated conns (limit) | {direct:.0} | | | {sessions} | | |");
+        let before = sandbox.control.smtp_stats().connections_opened;
+        direct_pm = drive_direct(&sandbox, sessions, secs, size, true).await;
+        let opened = sandbox.control.smtp_stats().connections_opened - before;
+        println!(
+            "| direct to sandbox, conn + STARTTLS + AUTH per msg | {direct_pm:.0} | | | {opened} | | |"
+        );
+    }
+
+    let spool_note = if want("spool") {
+        spool_run(&sandbox, sessions, secs, size).await
+    } else {
+        None
+    };
 
     let mut pooled_rate = 0.0;
     let mut per_message_rate = 0.0;
-    for (label, pool, mode) in [
-        ("relay, pool 4, conn per msg", 4, Mode::PerMessageClient),
-        ("relay, pool 4, client reuses conn", 4, Mode::ReuseClient),
-        (
-            "relay, pool 0 (per-message upstream)",
-            0,
-            Mode::PerMessageClient,
-        ),
-    ] {
+    let pooled_runs = if want("pooled") {
+        vec![
+            ("relay, pool 4, conn per msg", 4, Mode::PerMessageClient),
+            ("relay, pool 4, client reuses conn", 4, Mode::ReuseClient),
+            (
+                "relay, pool 0 (per-message upstream)",
+                0,
+                Mode::PerMessageClient,
+            ),
+        ]
+    } else {
+        Vec::new()
+    };
+    for (label, pool, mode) in pooled_runs {
         let before = sandbox.control.smtp_stats().connections_opened;
         let relay = RelayProcess::start(&sandbox, pool).await;
         let cpu0 = relay.cpu_time();
@@ -430,12 +464,20 @@ async fn run() {
             );
         }
     }
-    println!(
-        "\npooled (conn per msg) / direct limit = {:.2}; / direct conn per msg = {:.2}; / per-message upstream = {:.2}",
-        pooled_rate / direct.max(1.0),
-        pooled_rate / direct_pm.max(1.0),
-        pooled_rate / per_message_rate.max(1.0)
-    );
+    if want("direct") && want("pooled") {
+        println!(
+            "\npooled (conn per msg) / direct limit = {:.2}; / direct conn per msg = {:.2}; / per-message upstream = {:.2}",
+            pooled_rate / direct.max(1.0),
+            pooled_rate / direct_pm.max(1.0),
+            pooled_rate / per_message_rate.max(1.0)
+        );
+    }
+    if let Some(n) = spool_note {
+        println!("\n{n}");
+    }
+    if !want("idle") {
+        return;
+    }
 
     // 1,000 idle client connections.
     let relay = RelayProcess::start(&sandbox, 4).await;
@@ -456,4 +498,51 @@ async fn run() {
         hwm as f64 / 1024.0
     );
     drop(conns);
+}
+
+/// The spool run: through a relay with `[spool]`, one client connection per message.
+/// Prints its table row; returns the group-commit figures from the spool's counters.
+async fn spool_run(sandbox: &Sandbox, sessions: usize, secs: u64, size: usize) -> Option<String> {
+    use smtp_oauth_relay::spool::control::{request, Request, Response};
+    sandbox.control.set_keep_messages(false);
+    let before = sandbox.control.smtp_stats();
+    let relay = RelayProcess::start_with(sandbox, 4, true).await;
+    let cpu0 = relay.cpu_time();
+    let (rate, mut lat) = drive_relay(
+        relay.addr,
+        sessions,
+        secs,
+        size,
+        Mode::PerMessageClient,
+        None,
+    )
+    .await;
+    let cpu = relay.cpu_time() - cpu0;
+    let (_, hwm) = relay.peak_rss_kib();
+    println!(
+        "| relay + spool (fsync before 250), pool 4, conn per msg | {rate:.0} | {:.2} | {:.2} | {} | {:.0} | {:.1} |",
+        percentile(&mut lat, 0.5).as_secs_f64() * 1e3,
+        percentile(&mut lat, 0.99).as_secs_f64() * 1e3,
+        sandbox.control.smtp_stats().connections_opened - before.connections_opened,
+        cpu.as_secs_f64() * 1e6 / (rate * secs as f64).max(1.0),
+        hwm as f64 / 1024.0
+    );
+    let dir = relay.spool.clone()?;
+    let stats = tokio::task::spawn_blocking(move || request(&dir, &Request::Stats))
+        .await
+        .ok()?;
+    sandbox.control.set_keep_messages(true);
+    match stats {
+        Ok(Some(Response::Stats(s))) => Some(format!(
+            "spool: {} messages committed in {} batches, {} fsyncs = {:.3} fsyncs per message ({:.1} messages per batch); delivered upstream during the run: {}, still queued: {}",
+            s.committed,
+            s.batches,
+            s.fsyncs,
+            s.fsyncs_per_message,
+            s.committed as f64 / s.batches.max(1) as f64,
+            sandbox.control.smtp_stats().messages - before.messages,
+            s.queued
+        )),
+        _ => None,
+    }
 }

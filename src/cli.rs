@@ -57,6 +57,15 @@ pub enum Command {
     /// Run only the sandbox provider (fake Gmail + token endpoint) in the foreground,
     /// for testing apps and other relays against it; prints a message count each second.
     Sandbox(SandboxArgs),
+    /// The spool's queue (like mailq / postqueue / postsuper): through the running
+    /// daemon's control socket, or from the files when no daemon runs.
+    Queue {
+        /// Print JSON (for scripts) instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
 }
 
 /// Options of `smtp-oauth-relay sandbox`.
@@ -82,6 +91,24 @@ pub struct SandboxArgs {
     /// config pointing at it.
     #[arg(long, value_name = "DIR", default_value = "sandbox-state")]
     pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Every queued message: ID, age, size, sender, recipients, attempts, next attempt,
+    /// last error.
+    List,
+    /// One message: envelope, each recipient's state, and its header section.
+    Show { id: String },
+    /// Try every queued message now (the daemon must be running).
+    Flush,
+    /// Remove messages from the queue, without delivering or bouncing them.
+    Delete {
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
+    },
+    /// Spool counters: queued, in flight, commits, fsyncs per message.
+    Stats,
 }
 
 #[derive(Debug, Subcommand)]

@@ -41,6 +41,21 @@ pub struct RawConfig {
     pub server: RawServer,
     #[serde(default)]
     pub account: Vec<RawAccount>,
+    /// Optional: without it, delivery is synchronous (no queue).
+    pub spool: Option<RawSpool>,
+}
+
+/// `[spool]`: the durable queue. Durations in seconds (fractions allowed for retries).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpool {
+    pub dir: Option<PathBuf>,
+    pub max_queue_lifetime_secs: Option<f64>,
+    pub min_retry_secs: Option<f64>,
+    pub max_retry_secs: Option<f64>,
+    pub workers: Option<usize>,
+    pub probe_max_secs: Option<f64>,
+    pub quota_retry_secs: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -110,6 +125,27 @@ pub struct Config {
     pub path: PathBuf,
     pub server: ServerConfig,
     pub accounts: Vec<AccountConfig>,
+    /// `None`: no `[spool]` table, delivery is synchronous.
+    pub spool: Option<SpoolConfig>,
+}
+
+/// The validated `[spool]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpoolConfig {
+    /// Holds `queue/`, `tmp/`, `failed/`, `corrupt/`, `control.sock` and `lock`.
+    pub dir: PathBuf,
+    /// A message still undelivered after this long is bounced (default 5 days).
+    pub max_queue_lifetime: Duration,
+    /// First retry delay after a 4xx (default 60 s); it doubles per attempt…
+    pub min_retry: Duration,
+    /// …up to this (default 3600 s).
+    pub max_retry: Duration,
+    /// Delivery attempts in flight at once (default: the account's `pool_size`, at least 1).
+    pub workers: usize,
+    /// Longest wait between probes of an upstream found down (default 60 s).
+    pub probe_max: Duration,
+    /// Wait before trying again after Gmail's daily quota reply 550 5.4.5 (default 3600 s).
+    pub quota_retry: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -303,12 +339,68 @@ impl RawConfig {
         for (i, a) in self.account.into_iter().enumerate() {
             accounts.push(validate_account(&c, i, a)?);
         }
+        let spool = match self.spool {
+            None => None,
+            Some(raw) => Some(validate_spool(&c, raw, accounts[0].pool_size)?),
+        };
         Ok(Config {
             path: path.to_owned(),
             server,
             accounts,
+            spool,
         })
     }
+}
+
+fn validate_spool(
+    c: &Check<'_>,
+    s: RawSpool,
+    pool_size: usize,
+) -> Result<SpoolConfig, ConfigError> {
+    let dir = c.resolve(&s.dir.ok_or_else(|| {
+        c.err(
+            "spool.dir",
+            "is required in [spool]: where queued mail is kept, e.g. \"/var/lib/smtp-oauth-relay/spool\" (remove [spool] for synchronous delivery)",
+        )
+    })?);
+    let secs =
+        |v: Option<f64>, key: &str, default: f64, min: f64| -> Result<Duration, ConfigError> {
+            let v = v.unwrap_or(default);
+            if !v.is_finite() || v < min || v > 10.0 * 365.0 * 86400.0 {
+                return Err(c.err(
+                    format!("spool.{key}"),
+                    format!("{v} is out of range: give seconds, at least {min}"),
+                ));
+            }
+            Ok(Duration::from_secs_f64(v))
+        };
+    let max_queue_lifetime = secs(
+        s.max_queue_lifetime_secs,
+        "max_queue_lifetime_secs",
+        5.0 * 86400.0,
+        1.0,
+    )?;
+    let min_retry = secs(s.min_retry_secs, "min_retry_secs", 60.0, 0.01)?;
+    let max_retry = secs(s.max_retry_secs, "max_retry_secs", 3600.0, 0.01)?;
+    if max_retry < min_retry {
+        return Err(c.err(
+            "spool.max_retry_secs",
+            "must not be less than spool.min_retry_secs",
+        ));
+    }
+    let workers = s.workers.unwrap_or(pool_size.max(1));
+    if workers == 0 || workers > 256 {
+        return Err(c.err("spool.workers", "must be between 1 and 256"));
+    }
+    Ok(SpoolConfig {
+        dir,
+        max_queue_lifetime,
+        min_retry,
+        max_retry,
+        workers,
+        probe_max: secs(s.probe_max_secs, "probe_max_secs", 60.0, 0.01)?,
+        quota_retry: secs(s.quota_retry_secs, "quota_retry_secs", 3600.0, 0.01)?,
+    })
 }
 
 fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountConfig, ConfigError> {
@@ -575,6 +667,33 @@ token_file = "/var/lib/smtp-oauth-relay/gmail.json"
             e.contains("server.listen[0]") && e.contains("IP:port"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn spool_is_optional_and_validated() {
+        assert!(parse(GOOD).unwrap().spool.is_none());
+        let c = parse(&format!("{GOOD}\n[spool]\ndir = \"spool\"\n")).unwrap();
+        let s = c.spool.unwrap();
+        assert_eq!(s.dir, Path::new("/etc/smtp-oauth-relay/spool"));
+        assert_eq!(s.max_queue_lifetime, Duration::from_secs(5 * 86400));
+        assert_eq!(s.min_retry, Duration::from_secs(60));
+        assert_eq!(s.max_retry, Duration::from_secs(3600));
+        assert_eq!(s.workers, 4);
+        let e = err(&format!("{GOOD}\n[spool]\nmin_retry_secs = 1\n"));
+        assert!(e.contains("spool.dir"), "{e}");
+        let e = err(&format!("{GOOD}\n[spool]\ndir = \"/x\"\nretry = 1\n"));
+        assert!(e.contains("retry"), "{e}");
+        let e = err(&format!(
+            "{GOOD}\n[spool]\ndir = \"/x\"\nmin_retry_secs = 10\nmax_retry_secs = 1\n"
+        ));
+        assert!(e.contains("spool.max_retry_secs"), "{e}");
+        let e = err(&format!("{GOOD}\n[spool]\ndir = \"/x\"\nworkers = 0\n"));
+        assert!(e.contains("spool.workers"), "{e}");
+        let c = parse(&format!(
+            "{GOOD}\n[spool]\ndir = \"/x\"\nmin_retry_secs = 0.5\n"
+        ))
+        .unwrap();
+        assert_eq!(c.spool.unwrap().min_retry, Duration::from_millis(500));
     }
 
     #[test]

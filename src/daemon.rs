@@ -17,6 +17,7 @@ use crate::{
         OAuthError, TokenHandle,
     },
     relay::Relay,
+    spool::{Spool, SpoolError, SpoolSettings, SpoolWriter},
     tls,
     upstream::{UpstreamPool, UpstreamSettings},
 };
@@ -35,6 +36,8 @@ pub enum DaemonError {
     Tls(#[from] tls::TlsError),
     #[error("listener failed: {0}")]
     Ingress(String),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
 }
 
 /// A started relay.
@@ -46,6 +49,15 @@ pub struct Daemon {
     shutdown: CancellationToken,
     serve: JoinHandle<()>,
     manager: JoinHandle<()>,
+    /// The durable queue, when `[spool]` is configured.
+    spool: Option<Spool>,
+}
+
+/// Things tests swap in.
+#[derive(Default)]
+pub struct DaemonHooks {
+    /// The spool's writer (e.g. one that fails like a full disk).
+    pub spool_writer: Option<Box<dyn SpoolWriter>>,
 }
 
 /// The ingress settings a config asks for.
@@ -93,6 +105,11 @@ impl Daemon {
     /// Binds the listeners, starts the token manager and the pool, and serves until
     /// `shutdown()`.
     pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
+        Daemon::start_with(config, DaemonHooks::default()).await
+    }
+
+    /// `start`, with test hooks.
+    pub async fn start_with(config: Config, hooks: DaemonHooks) -> Result<Daemon, DaemonError> {
         tls::install_crypto_provider();
         let shutdown = CancellationToken::new();
         let account = config.accounts[0].clone();
@@ -143,26 +160,57 @@ impl Daemon {
             });
         }
 
-        let relay = Arc::new(Relay::new(
-            pool.clone(),
-            config.server.hostname.clone(),
-            account.smtp_host.clone(),
-        ));
         let ingress = Arc::new(ingress_settings(&config));
+        let spool = match &config.spool {
+            None => None,
+            Some(sc) => Some(
+                Spool::start(
+                    SpoolSettings::new(sc.clone(), &config.server.hostname, &account.smtp_host),
+                    pool.clone(),
+                    hooks
+                        .spool_writer
+                        .unwrap_or_else(|| Box::new(crate::spool::DiskWriter)),
+                )
+                .await?,
+            ),
+        };
         let serve = {
             let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                if let Err(e) = ingress::serve(listeners, ingress, relay, shutdown.clone()).await {
-                    error!(error = %e, "listener failed; shutting down");
-                    shutdown.cancel();
+            match &spool {
+                None => {
+                    let relay = Arc::new(Relay::new(
+                        pool.clone(),
+                        config.server.hostname.clone(),
+                        account.smtp_host.clone(),
+                    ));
+                    tokio::spawn(async move {
+                        if let Err(e) =
+                            ingress::serve(listeners, ingress, relay, shutdown.clone()).await
+                        {
+                            error!(error = %e, "listener failed; shutting down");
+                            shutdown.cancel();
+                        }
+                    })
                 }
-            })
+                Some(sp) => {
+                    let deliver = Arc::new(sp.deliverer());
+                    tokio::spawn(async move {
+                        if let Err(e) =
+                            ingress::serve(listeners, ingress, deliver, shutdown.clone()).await
+                        {
+                            error!(error = %e, "listener failed; shutting down");
+                            shutdown.cancel();
+                        }
+                    })
+                }
+            }
         };
         info!(
             listen = ?local_addrs,
             account = %account.name,
             upstream = %format!("{}:{}", account.smtp_host, account.smtp_port),
             pool_size = account.pool_size,
+            spool = %config.spool.as_ref().map(|s| s.dir.display().to_string()).unwrap_or_else(|| "none (synchronous delivery)".into()),
             "smtp-oauth-relay started"
         );
         Ok(Daemon {
@@ -172,7 +220,16 @@ impl Daemon {
             shutdown,
             serve,
             manager,
+            spool,
         })
+    }
+
+    /// The spool's counters, when there is a spool.
+    pub async fn spool_stats(&self) -> Option<crate::spool::SpoolStats> {
+        match &self.spool {
+            Some(s) => s.stats().await,
+            None => None,
+        }
     }
 
     /// A token that, when cancelled, stops the daemon.
@@ -193,6 +250,9 @@ impl Daemon {
             warn!(error = %e, "listener task ended abnormally");
         }
         self.shutdown.cancel();
+        if let Some(spool) = self.spool {
+            spool.stop().await;
+        }
         self.pool.close().await;
         let _ = self.manager.await;
         info!("smtp-oauth-relay stopped");

@@ -31,6 +31,11 @@ pub struct DsnReport<'a> {
     pub failed: &'a [FailedRecipient],
     /// How many delivery attempts were made.
     pub attempts: u32,
+    /// The queue gave up: the recipients were only ever deferred, until the message
+    /// outlived the queue lifetime (`Some(lifetime)`).
+    pub expired_after: Option<std::time::Duration>,
+    /// When the last attempt was made (spooled delivery), for `Last-Attempt-Date`.
+    pub last_attempt: Option<DateTime<Utc>>,
     /// The original message; only its header section is returned.
     pub original: &'a [u8],
 }
@@ -102,15 +107,25 @@ impl DsnReport<'_> {
              This is the mail relay at {mta}.\r\n\
              \r\n\
              Your message (queue ID {id}) could not be delivered to the recipient(s)\r\n\
-             below: the mail server {remote} refused them after {attempts} attempt(s).\r\n\
-             Recipients not listed here received the message.\r\n\
+             below: {why}.\r\n\
+             Recipients not listed here received the message or are still being tried.\r\n\
              \r\n",
             mta = self.reporting_mta,
             to = self.original_sender,
             date = now.to_rfc2822(),
             id = self.queue_id,
-            remote = self.remote_mta,
-            attempts = self.attempts,
+            why = match self.expired_after {
+                Some(life) => format!(
+                    "the mail server {} deferred them for {} hour(s), over\r\n{} attempt(s), and the relay gave up",
+                    self.remote_mta,
+                    life.as_secs().div_ceil(3600),
+                    self.attempts
+                ),
+                None => format!(
+                    "the mail server {} refused them after {} attempt(s)",
+                    self.remote_mta, self.attempts
+                ),
+            },
         );
         for f in self.failed {
             let _ = write!(
@@ -146,6 +161,9 @@ impl DsnReport<'_> {
                 remote = self.remote_mta,
                 diag = f.reply,
             );
+            if let Some(t) = self.last_attempt {
+                let _ = write!(m, "Last-Attempt-Date: {}\r\n", t.to_rfc2822());
+            }
         }
         let _ = write!(
             m,
@@ -182,6 +200,8 @@ mod tests {
             arrival: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             failed,
             attempts: 1,
+            expired_after: None,
+            last_attempt: None,
             original,
         }
     }
@@ -211,6 +231,23 @@ mod tests {
         let env = r.envelope(eight).unwrap();
         assert_eq!(env.sender, "");
         assert_eq!(env.recipients, vec!["app@example.com".to_string()]);
+    }
+
+    #[test]
+    fn expired_names_attempts_and_last_attempt() {
+        let failed = [FailedRecipient {
+            address: "slow@example.org".into(),
+            reply: Reply::new(451, [4, 3, 0], "Mail server temporarily rejected message."),
+        }];
+        let mut r = report(&failed, b"Subject: x\r\n\r\nbody\r\n");
+        r.attempts = 7;
+        r.expired_after = Some(std::time::Duration::from_secs(5 * 86400));
+        r.last_attempt = Some(DateTime::from_timestamp(1_700_100_000, 0).unwrap());
+        let text = String::from_utf8(r.build(Utc::now()).0).unwrap();
+        assert!(text.contains("deferred them for 120 hour(s)"), "{text}");
+        assert!(text.contains("7 attempt(s)"), "{text}");
+        assert!(text.contains("Status: 4.3.0\r\n"), "{text}");
+        assert!(text.contains("Last-Attempt-Date: "), "{text}");
     }
 
     #[test]

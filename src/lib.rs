@@ -16,5 +16,6 @@ pub mod relay;
 pub mod reply;
 pub mod sandbox;
 pub mod signals;
+pub mod spool;
 pub mod tls;
 pub mod upstream;

@@ -5,10 +5,12 @@ use std::{process::ExitCode, time::Duration};
 use anyhow::Context;
 use clap::Parser;
 use smtp_oauth_relay::{
-    cli::{Cli, Command, TokenCommand},
+    cli::{Cli, Command, QueueCommand, TokenCommand},
     config::{Config, Provider},
     daemon::{self, Daemon},
-    demo, oauth, signals, tls,
+    demo, oauth, signals,
+    spool::control::{self, Request, Response},
+    tls,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -110,6 +112,37 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
         }
         Command::Sandbox(args) => demo::run_sandbox(args).await?,
+        Command::Queue { json, command } => {
+            let config = Config::load(&cli.config)?;
+            let Some(spool) = &config.spool else {
+                anyhow::bail!(
+                    "{}: no [spool] table; without a spool, mail is delivered synchronously and nothing is queued",
+                    cli.config.display()
+                );
+            };
+            let req = match command {
+                QueueCommand::List => Request::List,
+                QueueCommand::Show { id } => Request::Show { id },
+                QueueCommand::Flush => Request::Flush,
+                QueueCommand::Delete { ids } => Request::Delete { ids },
+                QueueCommand::Stats => Request::Stats,
+            };
+            let dir = spool.dir.clone();
+            let resp = tokio::task::spawn_blocking(move || control::query(&dir, &req)).await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&resp)?);
+            } else {
+                print!("{}", control::render(&resp));
+            }
+            let failed = match &resp {
+                Response::Error { .. } => true,
+                Response::Deleted { missing, .. } => !missing.is_empty(),
+                _ => false,
+            };
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

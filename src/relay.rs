@@ -117,6 +117,8 @@ impl Relay {
             arrival: Utc::now(),
             failed: refused,
             attempts: 1,
+            expired_after: None,
+            last_attempt: None,
             original: &msg.data,
         };
         let (body, eight_bit) = dsn.build(Utc::now());

@@ -14,8 +14,9 @@ use std::{
 pub use smtp_oauth_relay::sandbox::{Sandbox, SandboxControl, SandboxOptions};
 use smtp_oauth_relay::{
     config::Config,
-    daemon::Daemon,
+    daemon::{Daemon, DaemonHooks},
     demo::{write_relay_config, RelayConfigOptions},
+    spool::SpoolWriter,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -74,6 +75,13 @@ pub struct Setup {
     pub account_extra: String,
     /// Run this on the sandbox before the relay starts (revoke, inject failures…).
     pub before_start: Option<BeforeStart>,
+    /// `Some(extra keys)`: a `[spool]` table with `dir = <tempdir>/spool` and these lines.
+    pub spool: Option<String>,
+    /// The spool's writer (e.g. one that fails like a full disk).
+    pub spool_writer: Option<Box<dyn SpoolWriter>>,
+    /// `Some(up)`: put a switchable TCP proxy between the relay and the fake Gmail,
+    /// initially up or down.
+    pub proxy: Option<bool>,
 }
 
 impl Default for Setup {
@@ -86,6 +94,9 @@ impl Default for Setup {
             refresh_margin_secs: 300,
             account_extra: String::new(),
             before_start: None,
+            spool: None,
+            spool_writer: None,
+            proxy: None,
         }
     }
 }
@@ -98,6 +109,8 @@ pub struct Harness {
     pub token_file: PathBuf,
     pub config_text: String,
     pub dir: tempfile::TempDir,
+    /// The proxy in front of the fake Gmail, with `Setup::proxy`.
+    pub proxy: Option<Proxy>,
 }
 
 impl Harness {
@@ -114,9 +127,27 @@ impl Harness {
             f(&sandbox);
         }
         let dir = tempfile::tempdir().unwrap();
+        let proxy = match setup.proxy {
+            Some(up) => {
+                let p = Proxy::start(sandbox.smtp_addr).await;
+                p.set_up(up);
+                Some(p)
+            }
+            None => None,
+        };
+        let spool = setup
+            .spool
+            .as_ref()
+            .map(|extra| {
+                format!(
+                    "\n[spool]\ndir = \"{}\"\n{extra}\n",
+                    dir.path().join("spool").display()
+                )
+            })
+            .unwrap_or_default();
         let server_extra = format!("max_message_size = {}", setup.max_message_size);
         let account_extra = format!(
-            "refresh_margin_secs = {}\n{}",
+            "refresh_margin_secs = {}\n{}\n{spool}",
             setup.refresh_margin_secs, setup.account_extra
         );
         let config_path = write_relay_config(
@@ -133,10 +164,25 @@ impl Harness {
             },
         )
         .expect("test config written");
-        let config_text = std::fs::read_to_string(&config_path).unwrap();
+        let mut config_text = std::fs::read_to_string(&config_path).unwrap();
+        if let Some(p) = &proxy {
+            // The relay talks to the fake Gmail through the proxy.
+            config_text = config_text.replace(
+                &format!("smtp_port = {}\n", sandbox.smtp_addr.port()),
+                &format!("smtp_port = {}\n", p.addr.port()),
+            );
+            std::fs::write(&config_path, &config_text).unwrap();
+        }
         let token_file = dir.path().join("sandbox-token.json");
         let config = Config::load(&config_path).expect("test config is valid");
-        let daemon = Daemon::start(config).await.expect("relay starts");
+        let daemon = Daemon::start_with(
+            config,
+            DaemonHooks {
+                spool_writer: setup.spool_writer,
+            },
+        )
+        .await
+        .expect("relay starts");
         let addr = daemon.local_addrs[0];
         Harness {
             sandbox,
@@ -145,7 +191,30 @@ impl Harness {
             token_file,
             config_text,
             dir,
+            proxy,
         }
+    }
+
+    /// The config file the relay runs on.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// The `[spool]` directory (with `Setup::spool`).
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    /// Stops the relay (as SIGTERM would) and starts it again on the same config; the
+    /// listening address changes.
+    pub async fn restart(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await;
+        }
+        let config = Config::load(&self.config_path()).expect("test config is valid");
+        let daemon = Daemon::start(config).await.expect("relay restarts");
+        self.addr = daemon.local_addrs[0];
+        self.daemon = Some(daemon);
     }
 
     pub fn control(&self) -> &SandboxControl {
@@ -317,4 +386,55 @@ pub fn strip_received(data: &[u8]) -> &[u8] {
         }
     }
     panic!("unterminated Received header");
+}
+
+/// A TCP proxy that can be switched off: then it closes every connection it carries and
+/// closes new ones at once (the upstream is "down").
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    generation: Arc<Mutex<tokio_util::sync::CancellationToken>>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let generation = Arc::new(Mutex::new(tokio_util::sync::CancellationToken::new()));
+        let (up2, gen2) = (up.clone(), generation.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up2.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let cancel = gen2.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            up,
+            generation,
+        }
+    }
+
+    /// Up: connections pass. Down: existing ones are cut, new ones closed at once.
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            let mut g = self.generation.lock().unwrap();
+            g.cancel();
+            *g = tokio_util::sync::CancellationToken::new();
+        }
+    }
 }
