@@ -76,6 +76,8 @@ chmod 755 "$WORK"              # Postfix's unprivileged processes must reach the
 chown postfix "$WORK/pf-data"
 cp /etc/postfix/master.cf "$WORK/pf/master.cf"
 sed -i 's/^smtp      inet.*/127.0.0.1:2526 inet n - n - - smtpd/' "$WORK/pf/master.cf"
+# smtp_tls_connection_reuse needs the tlsproxy service.
+grep -q '^tlsproxy' "$WORK/pf/master.cf" || echo 'tlsproxy  unix  -       -       n       -       0       tlsproxy' >>"$WORK/pf/master.cf"
 cat >"$WORK/pf/main.cf" <<EOF
 compatibility_level = 3.6
 queue_directory = $WORK/pf-spool

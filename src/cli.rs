@@ -118,6 +118,9 @@ pub enum TokenCommand {
         /// The account (default: the first one).
         #[arg(long)]
         account: Option<String>,
+        /// One JSON object, for monitoring (exit status 0 either way; see "healthy").
+        #[arg(long)]
+        json: bool,
     },
     /// Refresh the access token now and save it in the token file.
     Refresh {

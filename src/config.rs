@@ -178,6 +178,16 @@ pub struct AccountConfig {
     pub max_messages_per_connection: u32,
 }
 
+impl AccountConfig {
+    /// Which provider's wording the token manager's hints use.
+    pub fn provider_hint(&self) -> crate::oauth::ProviderHint {
+        match self.provider {
+            Provider::Gmail => crate::oauth::ProviderHint::Gmail,
+            Provider::Custom => crate::oauth::ProviderHint::Custom,
+        }
+    }
+}
+
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {

@@ -8,10 +8,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{AccountConfig, Config, Provider},
+    config::{AccountConfig, Config},
     ingress::{self, IngressSettings},
     oauth::{
-        manager::{ManagerSettings, ProviderHint, TokenManager},
+        manager::{ManagerSettings, TokenManager},
         refresh::OAuth2Refresher,
         store::TokenStore,
         OAuthError, TokenHandle,
@@ -133,13 +133,12 @@ impl Daemon {
         }
 
         let store = TokenStore::new(account.token_file.clone());
+        // The refresh token must not be readable by others: refuse to run on it.
+        store.check_private().map_err(OAuthError::from)?;
         let settings = ManagerSettings {
             account: account.name.clone(),
             refresh_margin: account.refresh_margin,
-            provider_hint: match account.provider {
-                Provider::Gmail => ProviderHint::Gmail,
-                Provider::Custom => ProviderHint::Custom,
-            },
+            provider_hint: account.provider_hint(),
             config_path: Some(config.path.clone()),
         };
         let (tokens, manager) =

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use smtp_oauth_relay::{
     cli::{Cli, Command, QueueCommand, TokenCommand},
-    config::{Config, Provider},
+    config::Config,
     daemon::{self, Daemon},
     demo, oauth, signals,
     spool::control::{self, Request, Response},
@@ -59,8 +59,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             for a in &config.accounts {
                 daemon::upstream_settings(a, &config.server.hostname)?;
                 daemon::refresher(a)?;
-                oauth::TokenStore::new(a.token_file.clone())
-                    .load()
+                let store = oauth::TokenStore::new(a.token_file.clone());
+                store
+                    .check_private()
+                    .and_then(|()| store.load().map(drop))
                     .with_context(|| format!("account {}: `token_file`", a.name))?;
             }
             println!("{}: OK", cli.config.display());
@@ -68,19 +70,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token { command } => {
             let config = Config::load(&cli.config)?;
             match command {
-                TokenCommand::Status { account } => {
+                TokenCommand::Status { account, json } => {
                     let a = config.account(account.as_deref())?;
                     let store = oauth::TokenStore::new(a.token_file.clone());
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .unwrap_or(Duration::ZERO)
                         .as_secs();
-                    let hint = match a.provider {
-                        Provider::Gmail => oauth::ProviderHint::Gmail,
-                        Provider::Custom => oauth::ProviderHint::Custom,
-                    };
-                    let status = oauth::status_with(&store, now, hint)?;
-                    println!("account {} ({}):\n{status}", a.name, a.username);
+                    let status = oauth::status_with(&store, now, a.provider_hint())?;
+                    if json {
+                        println!("{}", status.to_json(&a.name));
+                    } else {
+                        println!("account {} ({}):\n{status}", a.name, a.username);
+                    }
                 }
                 TokenCommand::Refresh { account } => {
                     let a = config.account(account.as_deref())?;

@@ -11,7 +11,7 @@ const GOOGLE_TESTING_WARN_AFTER: u64 = 6 * 86_400;
 const GOOGLE_TESTING_LIFETIME: u64 = 7 * 86_400;
 
 /// The state of one token file, for `token status`. Holds no secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TokenStatus {
     pub path: PathBuf,
     /// The time the report was made for, unix seconds.
@@ -44,6 +44,26 @@ impl TokenStatus {
     pub fn refresh_token_age(&self) -> Option<u64> {
         self.refresh_token_issued_at
             .map(|t| self.now_unix.saturating_sub(t))
+    }
+
+    /// The report for monitoring (`token status --json`): the fields above plus the
+    /// derived ones, so a check needs no date arithmetic. Holds no secret.
+    pub fn to_json(&self, account: &str) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("account".into(), account.into());
+            o.insert("expires_in_secs".into(), self.expires_in().into());
+            o.insert(
+                "access_token_valid".into(),
+                self.access_token_valid().into(),
+            );
+            o.insert(
+                "refresh_token_age_secs".into(),
+                self.refresh_token_age().into(),
+            );
+            o.insert("healthy".into(), self.warnings.is_empty().into());
+        }
+        v
     }
 }
 
@@ -178,6 +198,33 @@ impl fmt::Display for TokenStatus {
             writeln!(f, "warning: {w}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+
+    #[test]
+    fn json_report_has_derived_fields_and_no_token() {
+        let s = TokenStatus {
+            path: "/var/lib/x.json".into(),
+            now_unix: 1000,
+            has_access_token: true,
+            expires_at: Some(1600),
+            last_refresh_at: Some(900),
+            refresh_token_issued_at: Some(100),
+            last_error: None,
+            file_mode: Some(0o600),
+            warnings: vec![],
+        };
+        let v = s.to_json("gmail");
+        assert_eq!(v["account"], "gmail");
+        assert_eq!(v["expires_in_secs"], 600);
+        assert_eq!(v["access_token_valid"], true);
+        assert_eq!(v["refresh_token_age_secs"], 900);
+        assert_eq!(v["healthy"], true);
+        assert!(!v.to_string().contains("token\":\""), "{v}");
     }
 }
 

@@ -216,6 +216,8 @@ pub enum StoreError {
     Read { path: PathBuf, source: io::Error },
     #[error("token file {path} is invalid: {source}; fix it or run `smtp-oauth-relay authorize …` again")]
     Invalid { path: PathBuf, source: ParseError },
+    #[error("token file {path} is readable by group or others (mode {mode:04o}); it holds a refresh token: run `chmod 600 {path}` (owned by the user the relay runs as)")]
+    TooOpen { path: PathBuf, mode: u32 },
     #[error("cannot write token file {path}: {source}{hint}")]
     Write {
         path: PathBuf,
@@ -310,6 +312,18 @@ impl TokenStore {
     }
 
     /// The file's permission bits, if it exists.
+    /// Refuses a token file that group or others may read or write. A missing file is
+    /// left to `load` to report.
+    pub fn check_private(&self) -> Result<(), StoreError> {
+        match self.mode() {
+            Some(mode) if mode & 0o077 != 0 => Err(StoreError::TooOpen {
+                path: self.path.clone(),
+                mode,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     pub fn mode(&self) -> Option<u32> {
         fs::metadata(&self.path)
             .ok()
@@ -320,6 +334,25 @@ impl TokenStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_or_world_readable_file_is_refused_with_the_chmod() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        std::fs::write(&path, r#"{"refresh_token":"x"}"#).unwrap();
+        let store = TokenStore::new(path.clone());
+        std::fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = store.check_private().unwrap_err().to_string();
+        assert!(
+            e.contains("0644") && e.contains(&format!("chmod 600 {}", path.display())),
+            "{e}"
+        );
+        std::fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        store.check_private().unwrap();
+        TokenStore::new(dir.path().join("missing"))
+            .check_private()
+            .unwrap();
+    }
 
     const RT: &str = "1//0refresh-SECRET-abc";
     const AT: &str = "ya29.access-SECRET-xyz";
