@@ -1,0 +1,182 @@
+//! `token status`: what the token file says, as text for a person — when the access
+//! token expires, when it was last refreshed, how old the refresh token is, the last
+//! error — plus warnings about trouble ahead. Never shows a token.
+
+use std::{fmt, path::PathBuf};
+
+use super::{manager::ProviderHint, store::TokenStore, OAuthError};
+
+/// Google refresh tokens of an External app in Testing die after 7 days: warn a day early.
+const GOOGLE_TESTING_WARN_AFTER: u64 = 6 * 86_400;
+const GOOGLE_TESTING_LIFETIME: u64 = 7 * 86_400;
+
+/// The state of one token file, for `token status`. Holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenStatus {
+    pub path: PathBuf,
+    /// The time the report was made for, unix seconds.
+    pub now_unix: u64,
+    pub has_access_token: bool,
+    pub expires_at: Option<u64>,
+    pub last_refresh_at: Option<u64>,
+    pub refresh_token_issued_at: Option<u64>,
+    pub last_error: Option<String>,
+    /// Permission bits of the file.
+    pub file_mode: Option<u32>,
+    /// Trouble ahead, one sentence each.
+    pub warnings: Vec<String>,
+}
+
+impl TokenStatus {
+    /// Seconds until the stored access token expires (negative: ago); `None` without one.
+    pub fn expires_in(&self) -> Option<i64> {
+        match (self.has_access_token, self.expires_at) {
+            (true, Some(at)) => Some(at as i64 - self.now_unix as i64),
+            _ => None,
+        }
+    }
+
+    pub fn access_token_valid(&self) -> bool {
+        self.expires_in().is_some_and(|s| s > 0)
+    }
+
+    /// Age of the refresh token in seconds, if its issue time is known.
+    pub fn refresh_token_age(&self) -> Option<u64> {
+        self.refresh_token_issued_at
+            .map(|t| self.now_unix.saturating_sub(t))
+    }
+}
+
+/// `token status` for a Google account (the 7-day warning is worded for Google).
+pub fn status(store: &TokenStore, now_unix: u64) -> Result<TokenStatus, OAuthError> {
+    status_with(store, now_unix, ProviderHint::Gmail)
+}
+
+/// `token status`; `hint` decides provider-specific warnings.
+pub fn status_with(
+    store: &TokenStore,
+    now_unix: u64,
+    hint: ProviderHint,
+) -> Result<TokenStatus, OAuthError> {
+    let file = store.load()?;
+    let mut s = TokenStatus {
+        path: store.path().to_path_buf(),
+        now_unix,
+        has_access_token: file.access_token.is_some(),
+        expires_at: file.expires_at,
+        last_refresh_at: file.last_refresh_at,
+        refresh_token_issued_at: file.refresh_token_issued_at,
+        last_error: file.last_error.clone(),
+        file_mode: store.mode(),
+        warnings: Vec::new(),
+    };
+    if let Some(err) = &s.last_error {
+        let fix = if err.starts_with("invalid_grant") {
+            " — the refresh token is dead: run `smtp-oauth-relay authorize` again"
+        } else if err.starts_with("invalid_client") {
+            " — check client_id and client_secret in the config"
+        } else {
+            ""
+        };
+        s.warnings
+            .push(format!("the last refresh failed: {err}{fix}"));
+    }
+    if let Some(secs) = s.expires_in() {
+        if secs <= 0 && s.last_error.is_none() {
+            s.warnings.push(format!(
+                "the stored access token expired {} ago: a running relay refreshes it ahead of time, so check that the relay is running and its log (or run `smtp-oauth-relay token refresh`)",
+                human(secs.unsigned_abs())
+            ));
+        }
+    }
+    if hint == ProviderHint::Gmail {
+        if let (Some(age), Some(issued)) = (s.refresh_token_age(), s.refresh_token_issued_at) {
+            // A refresh that worked more than 7 days after issue proves the token is not
+            // a Testing one.
+            let outlived_testing = s
+                .last_refresh_at
+                .is_some_and(|t| t >= issued.saturating_add(GOOGLE_TESTING_LIFETIME));
+            if age > GOOGLE_TESTING_WARN_AFTER && !outlived_testing {
+                s.warnings.push(format!(
+                    "the refresh token is {} old: Google refresh tokens of an External app in Testing expire after 7 days; if the OAuth consent screen is in Testing, publish the app (or make it Internal) and run `smtp-oauth-relay authorize` again",
+                    human(age)
+                ));
+            }
+        }
+    }
+    if let Some(mode) = s.file_mode {
+        if mode & 0o077 != 0 {
+            s.warnings.push(format!(
+                "the token file is accessible to other users (mode {mode:04o}): run `chmod 600 {}`",
+                s.path.display()
+            ));
+        }
+    }
+    Ok(s)
+}
+
+/// "45 s", "12 min", "3 h 5 min", "6 days".
+fn human(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs} s"),
+        120..=7199 => format!("{} min", secs / 60),
+        7200..=172_799 => format!("{} h {} min", secs / 3600, secs % 3600 / 60),
+        _ => format!("{} days", secs / 86_400),
+    }
+}
+
+fn when(unix: u64) -> String {
+    i64::try_from(unix)
+        .ok()
+        .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+        .map(|d| d.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| format!("unix time {unix}"))
+}
+
+impl fmt::Display for TokenStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "token file:     {}", self.path.display())?;
+        match (self.expires_in(), self.expires_at) {
+            (Some(secs), Some(at)) if secs > 0 => writeln!(
+                f,
+                "access token:   valid, expires in {} ({})",
+                human(secs as u64),
+                when(at)
+            )?,
+            (Some(secs), Some(at)) => writeln!(
+                f,
+                "access token:   expired {} ago ({})",
+                human(secs.unsigned_abs()),
+                when(at)
+            )?,
+            _ if self.has_access_token => writeln!(f, "access token:   stored, expiry unknown")?,
+            _ => writeln!(
+                f,
+                "access token:   none stored (the relay fetches one on start)"
+            )?,
+        }
+        match self.last_refresh_at {
+            Some(t) => writeln!(
+                f,
+                "last refresh:   {} ({} ago)",
+                when(t),
+                human(self.now_unix.saturating_sub(t))
+            )?,
+            None => writeln!(f, "last refresh:   never")?,
+        }
+        match (self.refresh_token_issued_at, self.refresh_token_age()) {
+            (Some(t), Some(age)) => {
+                writeln!(f, "refresh token:  issued {} ({} ago)", when(t), human(age))?
+            }
+            _ => writeln!(f, "refresh token:  present, issue time unknown")?,
+        }
+        match &self.last_error {
+            Some(e) => writeln!(f, "last error:     {e}")?,
+            None => writeln!(f, "last error:     none")?,
+        }
+        for w in &self.warnings {
+            writeln!(f, "warning: {w}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,450 @@
+//! The token file: one JSON object per account holding the refresh token (and the last
+//! access token, its expiry and refresh bookkeeping), read with error messages that name
+//! the path and the fix, and written atomically with mode 0600.
+//!
+//! Parsing goes through `serde_json::Value` and is done by hand so that no error message
+//! ever echoes a value from the file (serde's type errors quote the offending value,
+//! which here would be a token). Unknown keys are kept and written back unchanged.
+
+use std::{
+    fmt,
+    fs::{self, OpenOptions},
+    io::{self, Write},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value};
+
+/// The contents of a token file. `{"refresh_token": "..."}` alone is a valid file.
+///
+/// `Debug` never shows a token.
+#[derive(Clone)]
+pub struct TokenFile {
+    pub refresh_token: SecretString,
+    pub access_token: Option<SecretString>,
+    /// When `access_token` expires, unix seconds.
+    pub expires_at: Option<u64>,
+    /// The last successful refresh, unix seconds.
+    pub last_refresh_at: Option<u64>,
+    /// When this refresh token was obtained or rotated, unix seconds.
+    pub refresh_token_issued_at: Option<u64>,
+    /// The last refresh failure, secret-free (e.g. `invalid_grant: Token has been expired or revoked.`).
+    pub last_error: Option<String>,
+    /// Keys this version does not know; kept on rewrite.
+    pub extra: Map<String, Value>,
+}
+
+impl TokenFile {
+    /// A file holding only a refresh token.
+    pub fn new(refresh_token: SecretString) -> Self {
+        TokenFile {
+            refresh_token,
+            access_token: None,
+            expires_at: None,
+            last_refresh_at: None,
+            refresh_token_issued_at: None,
+            last_error: None,
+            extra: Map::new(),
+        }
+    }
+
+    /// Parses the file's text. Errors never contain the file's content.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ParseError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| ParseError::Syntax {
+            line: e.line(),
+            column: e.column(),
+            what: match e.classify() {
+                serde_json::error::Category::Eof => "the file ends too early",
+                _ => "it is not valid JSON",
+            },
+        })?;
+        let Value::Object(mut map) = value else {
+            return Err(ParseError::NotAnObject);
+        };
+        let refresh_token = match map.remove("refresh_token") {
+            None | Some(Value::Null) => return Err(ParseError::MissingRefreshToken),
+            Some(Value::String(s)) if !s.trim().is_empty() => SecretString::from(s),
+            Some(_) => {
+                return Err(ParseError::BadValue {
+                    key: "refresh_token",
+                    expected: "a non-empty string",
+                })
+            }
+        };
+        let access_token = take_string(&mut map, "access_token")?.map(SecretString::from);
+        Ok(TokenFile {
+            refresh_token,
+            access_token,
+            expires_at: take_u64(&mut map, "expires_at")?,
+            last_refresh_at: take_u64(&mut map, "last_refresh_at")?,
+            refresh_token_issued_at: take_u64(&mut map, "refresh_token_issued_at")?,
+            last_error: take_string(&mut map, "last_error")?,
+            extra: map,
+        })
+    }
+
+    /// The file's text: pretty JSON, optional fields left out when unset.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut map = self.extra.clone();
+        map.insert(
+            "refresh_token".into(),
+            Value::String(self.refresh_token.expose_secret().to_owned()),
+        );
+        if let Some(t) = &self.access_token {
+            map.insert(
+                "access_token".into(),
+                Value::String(t.expose_secret().to_owned()),
+            );
+        }
+        for (key, v) in [
+            ("expires_at", self.expires_at),
+            ("last_refresh_at", self.last_refresh_at),
+            ("refresh_token_issued_at", self.refresh_token_issued_at),
+        ] {
+            match v {
+                Some(n) => map.insert(key.into(), Value::from(n)),
+                None => map.remove(key),
+            };
+        }
+        match &self.last_error {
+            Some(e) => map.insert("last_error".into(), Value::String(e.clone())),
+            None => map.remove("last_error"),
+        };
+        let mut out =
+            serde_json::to_vec_pretty(&Value::Object(map)).unwrap_or_else(|_| b"{}".to_vec());
+        out.push(b'\n');
+        out
+    }
+}
+
+fn take_string(
+    map: &mut Map<String, Value>,
+    key: &'static str,
+) -> Result<Option<String>, ParseError> {
+    match map.remove(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ParseError::BadValue {
+            key,
+            expected: "a string",
+        }),
+    }
+}
+
+fn take_u64(map: &mut Map<String, Value>, key: &'static str) -> Result<Option<u64>, ParseError> {
+    match map.remove(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64()),
+        Some(_) => Err(ParseError::BadValue {
+            key,
+            expected: "a whole number of seconds since 1970 (unix time)",
+        }),
+    }
+}
+
+impl fmt::Debug for TokenFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenFile")
+            .field("refresh_token", &"[redacted]")
+            .field(
+                "access_token",
+                &self.access_token.as_ref().map(|_| "[redacted]"),
+            )
+            .field("expires_at", &self.expires_at)
+            .field("last_refresh_at", &self.last_refresh_at)
+            .field("refresh_token_issued_at", &self.refresh_token_issued_at)
+            .field("last_error", &self.last_error)
+            .field("extra_keys", &self.extra.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// What is wrong with a token file's content. Never quotes the content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("{what} (line {line}, column {column})")]
+    Syntax {
+        line: usize,
+        column: usize,
+        what: &'static str,
+    },
+    #[error("it is not a JSON object")]
+    NotAnObject,
+    #[error("it has no \"refresh_token\" key")]
+    MissingRefreshToken,
+    #[error("the value of \"{key}\" is not {expected}")]
+    BadValue {
+        key: &'static str,
+        expected: &'static str,
+    },
+}
+
+/// Why the token file could not be read or written. Names the path and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("token file {path} does not exist: run `smtp-oauth-relay authorize …` (with your --config and --account) to create it")]
+    Missing { path: PathBuf },
+    #[error("cannot read token file {path}: permission denied; it must be readable by the user the relay runs as (chown it to that user, chmod 600)")]
+    Unreadable { path: PathBuf },
+    #[error("cannot read token file {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("token file {path} is invalid: {source}; fix it or run `smtp-oauth-relay authorize …` again")]
+    Invalid { path: PathBuf, source: ParseError },
+    #[error("cannot write token file {path}: {source}{hint}")]
+    Write {
+        path: PathBuf,
+        source: io::Error,
+        hint: &'static str,
+    },
+}
+
+/// Reads and atomically rewrites one token file.
+#[derive(Debug, Clone)]
+pub struct TokenStore {
+    path: PathBuf,
+}
+
+impl TokenStore {
+    pub fn new(path: PathBuf) -> Self {
+        TokenStore { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn load(&self) -> Result<TokenFile, StoreError> {
+        let bytes = fs::read(&self.path).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => StoreError::Missing {
+                path: self.path.clone(),
+            },
+            io::ErrorKind::PermissionDenied => StoreError::Unreadable {
+                path: self.path.clone(),
+            },
+            _ => StoreError::Read {
+                path: self.path.clone(),
+                source,
+            },
+        })?;
+        TokenFile::from_json(&bytes).map_err(|source| StoreError::Invalid {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Writes `file` atomically: a new temp file (mode 0600) in the same directory,
+    /// fsync, rename over the old file, fsync the directory.
+    pub fn save(&self, file: &TokenFile) -> Result<(), StoreError> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "token".into());
+        let tmp = dir.join(format!(
+            ".{name}.tmp.{}.{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let write_err = |source: io::Error| {
+            let hint = match source.kind() {
+                io::ErrorKind::NotFound => " (does its directory exist?)",
+                io::ErrorKind::PermissionDenied => {
+                    " (the relay's user needs write permission on the file's directory)"
+                }
+                _ => "",
+            };
+            StoreError::Write {
+                path: self.path.clone(),
+                source,
+                hint,
+            }
+        };
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            // The umask cannot widen 0600, but a pre-existing ACL default might: be sure.
+            f.set_permissions(fs::Permissions::from_mode(0o600))?;
+            f.write_all(&file.to_json())?;
+            f.sync_all()?;
+            drop(f);
+            fs::rename(&tmp, &self.path)?;
+            fs::File::open(&dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(write_err)
+    }
+
+    /// The file's permission bits, if it exists.
+    pub fn mode(&self) -> Option<u32> {
+        fs::metadata(&self.path)
+            .ok()
+            .map(|m| m.permissions().mode() & 0o7777)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RT: &str = "1//0refresh-SECRET-abc";
+    const AT: &str = "ya29.access-SECRET-xyz";
+
+    fn store() -> (tempfile::TempDir, TokenStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::new(dir.path().join("gmail.json"));
+        (dir, s)
+    }
+
+    #[test]
+    fn minimal_file_is_valid() {
+        let (_d, s) = store();
+        fs::write(s.path(), format!(r#"{{"refresh_token": "{RT}"}}"#)).unwrap();
+        let f = s.load().unwrap();
+        assert_eq!(f.refresh_token.expose_secret(), RT);
+        assert!(f.access_token.is_none() && f.expires_at.is_none() && f.last_error.is_none());
+    }
+
+    #[test]
+    fn round_trip_keeps_unknown_keys() {
+        let (_d, s) = store();
+        fs::write(
+            s.path(),
+            format!(r#"{{"refresh_token": "{RT}", "scope": "https://mail.google.com/", "nested": {{"a": [1, 2]}}, "expires_at": 5}}"#),
+        )
+        .unwrap();
+        let mut f = s.load().unwrap();
+        f.access_token = Some(SecretString::from(AT.to_owned()));
+        f.expires_at = Some(1_800_000_000);
+        f.last_error = Some("invalid_grant: x".into());
+        s.save(&f).unwrap();
+        let g = s.load().unwrap();
+        assert_eq!(g.access_token.unwrap().expose_secret(), AT);
+        assert_eq!(g.expires_at, Some(1_800_000_000));
+        assert_eq!(g.last_error.as_deref(), Some("invalid_grant: x"));
+        assert_eq!(g.extra["scope"], "https://mail.google.com/");
+        assert_eq!(g.extra["nested"]["a"][1], 2);
+        assert!(!g.extra.contains_key("refresh_token"));
+    }
+
+    #[test]
+    fn save_is_0600_and_leaves_no_temp_files() {
+        let (d, s) = store();
+        fs::write(s.path(), format!(r#"{{"refresh_token": "{RT}"}}"#)).unwrap();
+        fs::set_permissions(s.path(), fs::Permissions::from_mode(0o644)).unwrap();
+        let f = s.load().unwrap();
+        s.save(&f).unwrap();
+        assert_eq!(s.mode(), Some(0o600));
+        // A fresh file too.
+        let s2 = TokenStore::new(d.path().join("new.json"));
+        s2.save(&f).unwrap();
+        assert_eq!(s2.mode(), Some(0o600));
+        let names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn save_into_missing_dir_names_path() {
+        let (d, _) = store();
+        let s = TokenStore::new(d.path().join("nope/t.json"));
+        let e = s.save(&TokenFile::new(SecretString::from(RT.to_owned())));
+        let msg = e.unwrap_err().to_string();
+        assert!(
+            msg.contains("nope/t.json") && msg.contains("directory"),
+            "{msg}"
+        );
+        assert!(!msg.contains(RT));
+    }
+
+    #[test]
+    fn missing_file_says_run_authorize() {
+        let (_d, s) = store();
+        let msg = s.load().unwrap_err().to_string();
+        assert!(msg.contains("gmail.json"), "{msg}");
+        assert!(msg.contains("smtp-oauth-relay authorize"), "{msg}");
+    }
+
+    #[test]
+    fn unreadable_file_gives_permission_hint() {
+        let (_d, s) = store();
+        fs::write(s.path(), format!(r#"{{"refresh_token": "{RT}"}}"#)).unwrap();
+        fs::set_permissions(s.path(), fs::Permissions::from_mode(0o000)).unwrap();
+        if fs::read(s.path()).is_ok() {
+            return; // running as root: permissions are not enforced
+        }
+        let msg = s.load().unwrap_err().to_string();
+        assert!(
+            msg.contains("permission denied") && msg.contains("chmod 600"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_json_gives_line_and_column_without_content() {
+        let (_d, s) = store();
+        fs::write(
+            s.path(),
+            format!("{{\n  \"refresh_token\": \"{RT}\",\n  oops\n}}"),
+        )
+        .unwrap();
+        let msg = s.load().unwrap_err().to_string();
+        assert!(msg.contains("line 3, column 3"), "{msg}");
+        assert!(!msg.contains(RT) && !msg.contains("oops"), "{msg}");
+        assert!(msg.contains("gmail.json"));
+    }
+
+    #[test]
+    fn wrong_types_name_the_key_not_the_value() {
+        let (_d, s) = store();
+        fs::write(
+            s.path(),
+            format!(r#"{{"refresh_token": "{RT}", "expires_at": "{AT}"}}"#),
+        )
+        .unwrap();
+        let msg = s.load().unwrap_err().to_string();
+        assert!(msg.contains("\"expires_at\""), "{msg}");
+        assert!(!msg.contains(AT) && !msg.contains(RT), "{msg}");
+
+        fs::write(s.path(), format!(r#"{{"access_token": "{AT}"}}"#)).unwrap();
+        let msg = s.load().unwrap_err().to_string();
+        assert!(msg.contains("no \"refresh_token\" key"), "{msg}");
+        assert!(!msg.contains(AT));
+
+        fs::write(s.path(), "[1]").unwrap();
+        assert!(s
+            .load()
+            .unwrap_err()
+            .to_string()
+            .contains("not a JSON object"));
+        fs::write(s.path(), r#"{"refresh_token": 12}"#).unwrap();
+        assert!(s
+            .load()
+            .unwrap_err()
+            .to_string()
+            .contains("non-empty string"));
+        fs::write(s.path(), "").unwrap();
+        assert!(s.load().unwrap_err().to_string().contains("ends too early"));
+    }
+
+    #[test]
+    fn debug_never_shows_tokens() {
+        let mut f = TokenFile::new(SecretString::from(RT.to_owned()));
+        f.access_token = Some(SecretString::from(AT.to_owned()));
+        let d = format!("{f:?}");
+        assert!(!d.contains(RT) && !d.contains(AT), "{d}");
+        assert!(d.contains("redacted"));
+    }
+}
