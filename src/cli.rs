@@ -54,6 +54,21 @@ pub enum Command {
         #[arg(long, default_value_t = 4)]
         pool_size: usize,
     },
+    /// Sign in once (authorization code + PKCE) and write the account's token file.
+    /// Listens on http://127.0.0.1:PORT/ for the browser's redirect; on a server without
+    /// a browser, open the printed URL anywhere and paste back the URL it ends on.
+    Authorize {
+        /// The account (default: the first one).
+        #[arg(long)]
+        account: Option<String>,
+        /// Do not try to open a browser here: open the URL on any machine, then paste the
+        /// redirected URL (or just the code).
+        #[arg(long)]
+        no_browser: bool,
+        /// Loopback port for the redirect (default: any free port).
+        #[arg(long, value_name = "N")]
+        port: Option<u16>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
