@@ -725,6 +725,152 @@ token_file = "/var/lib/smtp-oauth-relay/gmail.json"
         );
     }
 
+    const JSON_SECRET: &str = "GOCSPX-from-json-SECRET";
+
+    fn client_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn installed_json() -> String {
+        format!(
+            r#"{{"installed":{{"client_id":"json-id.apps.googleusercontent.com","project_id":"p","auth_uri":"https://accounts.google.com/o/oauth2/auth","token_uri":"https://oauth2.googleapis.com/token","client_secret":"{JSON_SECRET}","redirect_uris":["http://localhost"]}}}}"#
+        )
+    }
+
+    fn with_json(path: &Path, extra: &str) -> String {
+        format!(
+            "[[account]]\nname = \"g\"\nusername = \"me@example.com\"\ntoken_file = \"t.json\"\nclient_secret_json = {:?}\n{extra}",
+            path.display().to_string()
+        )
+    }
+
+    #[test]
+    fn client_secret_json_installed_supplies_client() {
+        let d = tempfile::tempdir().unwrap();
+        let f = client_file(d.path(), "client.json", &installed_json());
+        let c = parse(&with_json(&f, "")).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.client_id, "json-id.apps.googleusercontent.com");
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(a.client_secret.as_ref().unwrap()),
+            JSON_SECRET
+        );
+        assert_eq!(a.auth_url.as_deref(), Some(GMAIL_AUTH_URL));
+        assert_eq!(a.token_url, "https://oauth2.googleapis.com/token");
+        assert_eq!(a.scopes, [GMAIL_SCOPE]);
+        assert_eq!(a.redirect_uri, None, "installed: loopback listener");
+        let info = a.client_file.as_ref().unwrap();
+        assert_eq!(info.kind, ClientKind::Installed);
+        assert_eq!(info.redirect_uris, ["http://localhost"]);
+        assert!(!format!("{c:?}").contains(JSON_SECRET));
+    }
+
+    #[test]
+    fn explicit_keys_override_client_secret_json() {
+        let d = tempfile::tempdir().unwrap();
+        let f = client_file(d.path(), "client.json", &installed_json());
+        let c = parse(&with_json(
+            &f,
+            "client_id = \"own-id\"\nclient_secret = \"own-secret\"\ntoken_url = \"http://127.0.0.1:9/token\"\nauth_url = \"http://127.0.0.1:9/auth\"\nscopes = [\"a\", \"b\"]\nredirect_uri = \"https://example.org/cb\"\n",
+        ))
+        .unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.client_id, "own-id");
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(a.client_secret.as_ref().unwrap()),
+            "own-secret"
+        );
+        assert_eq!(a.token_url, "http://127.0.0.1:9/token");
+        assert_eq!(a.auth_url.as_deref(), Some("http://127.0.0.1:9/auth"));
+        assert_eq!(a.scopes, ["a", "b"]);
+        assert_eq!(a.redirect_uri.as_deref(), Some("https://example.org/cb"));
+    }
+
+    #[test]
+    fn client_secret_json_web_uses_registered_redirect() {
+        let d = tempfile::tempdir().unwrap();
+        let web = installed_json()
+            .replace("\"installed\"", "\"web\"")
+            .replace("[\"http://localhost\"]", "[\"https://example.org/callback\"]");
+        let f = client_file(d.path(), "web.json", &web);
+        let c = parse(&with_json(&f, "")).unwrap();
+        assert_eq!(
+            c.accounts[0].redirect_uri.as_deref(),
+            Some("https://example.org/callback")
+        );
+        assert_eq!(
+            c.accounts[0].client_file.as_ref().unwrap().kind,
+            ClientKind::Web
+        );
+        // Relative path, resolved against the config's directory.
+        let cfg = d.path().join("config.toml");
+        let c = Config::from_toml(&with_json(Path::new("web.json"), ""), &cfg).unwrap();
+        assert_eq!(c.accounts[0].client_id, "json-id.apps.googleusercontent.com");
+    }
+
+    #[test]
+    fn client_secret_json_errors_name_the_key() {
+        let d = tempfile::tempdir().unwrap();
+        let f = client_file(
+            d.path(),
+            "bad.json",
+            &format!(r#"{{"something":{{"client_secret":"{JSON_SECRET}"}}}}"#),
+        );
+        let e = err(&with_json(&f, ""));
+        assert!(
+            e.contains("account[0].client_secret_json")
+                && e.contains("neither an \"installed\" nor a \"web\""),
+            "{e}"
+        );
+        assert!(!e.contains(JSON_SECRET), "{e}");
+        let e = err(&with_json(&d.path().join("missing.json"), ""));
+        assert!(
+            e.contains("account[0].client_secret_json") && e.contains("missing.json"),
+            "{e}"
+        );
+        let f = client_file(
+            d.path(),
+            "http.json",
+            &installed_json().replace(
+                "https://oauth2.googleapis.com/token",
+                "http://example.com/token",
+            ),
+        );
+        let e = err(&with_json(&f, ""));
+        assert!(e.contains("account[0].client_secret_json") && e.contains("https"), "{e}");
+    }
+
+    #[test]
+    fn client_id_message_mentions_client_secret_json() {
+        let e = err(&GOOD.replace("client_id = \"123.apps.googleusercontent.com\"", ""));
+        assert!(
+            e.contains("account[0].client_id") && e.contains("client_secret_json"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn authorize_keys() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.accounts[0].auth_url.as_deref(), Some(GMAIL_AUTH_URL));
+        assert_eq!(c.accounts[0].scopes, [GMAIL_SCOPE]);
+        let e = err(&format!("{GOOD}scopes = []\n"));
+        assert!(e.contains("account[0].scopes") && e.contains("empty"), "{e}");
+        let e = err(&format!("{GOOD}scopes = [\"a b\"]\n"));
+        assert!(e.contains("account[0].scopes[0]"), "{e}");
+        let e = err(&format!("{GOOD}redirect_uri = \"urn:ietf:wg:oauth:2.0:oob\"\n"));
+        assert!(e.contains("account[0].redirect_uri"), "{e}");
+        let e = err(&format!("{GOOD}auth_url = \"http://example.com/auth\"\n"));
+        assert!(e.contains("account[0].auth_url") && e.contains("https"), "{e}");
+        let custom = GOOD.replace("provider = \"gmail\"", "provider = \"custom\"")
+            + "smtp_host = \"smtp.example\"\ntoken_url = \"https://idp.example/token\"\n";
+        let c = parse(&custom).unwrap();
+        assert_eq!(c.accounts[0].auth_url, None);
+        assert!(c.accounts[0].scopes.is_empty());
+    }
+
     #[test]
     fn account_lookup() {
         let c = parse(GOOD).unwrap();
