@@ -793,7 +793,10 @@ token_file = "/var/lib/smtp-oauth-relay/gmail.json"
         let d = tempfile::tempdir().unwrap();
         let web = installed_json()
             .replace("\"installed\"", "\"web\"")
-            .replace("[\"http://localhost\"]", "[\"https://example.org/callback\"]");
+            .replace(
+                "[\"http://localhost\"]",
+                "[\"https://example.org/callback\"]",
+            );
         let f = client_file(d.path(), "web.json", &web);
         let c = parse(&with_json(&f, "")).unwrap();
         assert_eq!(
@@ -807,7 +810,10 @@ token_file = "/var/lib/smtp-oauth-relay/gmail.json"
         // Relative path, resolved against the config's directory.
         let cfg = d.path().join("config.toml");
         let c = Config::from_toml(&with_json(Path::new("web.json"), ""), &cfg).unwrap();
-        assert_eq!(c.accounts[0].client_id, "json-id.apps.googleusercontent.com");
+        assert_eq!(
+            c.accounts[0].client_id,
+            "json-id.apps.googleusercontent.com"
+        );
     }
 
     #[test]
@@ -839,7 +845,10 @@ token_file = "/var/lib/smtp-oauth-relay/gmail.json"
             ),
         );
         let e = err(&with_json(&f, ""));
-        assert!(e.contains("account[0].client_secret_json") && e.contains("https"), "{e}");
+        assert!(
+            e.contains("account[0].client_secret_json") && e.contains("https"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -857,13 +866,21 @@ token_file = "/var/lib/smtp-oauth-relay/gmail.json"
         assert_eq!(c.accounts[0].auth_url.as_deref(), Some(GMAIL_AUTH_URL));
         assert_eq!(c.accounts[0].scopes, [GMAIL_SCOPE]);
         let e = err(&format!("{GOOD}scopes = []\n"));
-        assert!(e.contains("account[0].scopes") && e.contains("empty"), "{e}");
+        assert!(
+            e.contains("account[0].scopes") && e.contains("empty"),
+            "{e}"
+        );
         let e = err(&format!("{GOOD}scopes = [\"a b\"]\n"));
         assert!(e.contains("account[0].scopes[0]"), "{e}");
-        let e = err(&format!("{GOOD}redirect_uri = \"urn:ietf:wg:oauth:2.0:oob\"\n"));
+        let e = err(&format!(
+            "{GOOD}redirect_uri = \"urn:ietf:wg:oauth:2.0:oob\"\n"
+        ));
         assert!(e.contains("account[0].redirect_uri"), "{e}");
         let e = err(&format!("{GOOD}auth_url = \"http://example.com/auth\"\n"));
-        assert!(e.contains("account[0].auth_url") && e.contains("https"), "{e}");
+        assert!(
+            e.contains("account[0].auth_url") && e.contains("https"),
+            "{e}"
+        );
         let custom = GOOD.replace("provider = \"gmail\"", "provider = \"custom\"")
             + "smtp_host = \"smtp.example\"\ntoken_url = \"https://idp.example/token\"\n";
         let c = parse(&custom).unwrap();

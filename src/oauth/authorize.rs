@@ -362,7 +362,8 @@ impl Flow {
         };
         let mut client = BasicClient::new(ClientId::new(req.client_id.clone()))
             .set_auth_uri(
-                AuthUrl::new(req.auth_url.clone()).map_err(|e| bad_url("auth_url", e.to_string()))?,
+                AuthUrl::new(req.auth_url.clone())
+                    .map_err(|e| bad_url("auth_url", e.to_string()))?,
             )
             .set_token_uri(
                 TokenUrl::new(req.token_url.clone())
@@ -425,12 +426,7 @@ impl Flow {
 
     /// Checks a redirect's query parameters: `error`, then `state`, then `code`.
     pub fn check_redirect(&self, params: &[(String, String)]) -> Result<AuthCode, AuthorizeError> {
-        let get = |k: &str| {
-            params
-                .iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.as_str())
-        };
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         if let Some(error) = get("error") {
             return Err(self.denied(error, get("error_description")));
         }
@@ -478,7 +474,11 @@ impl Flow {
 
     /// Reads pasted lines until one holds a redirected URL (checked like a redirect) or a
     /// bare code; hints at what is wrong with anything else.
-    pub async fn read_pasted<R, W>(&self, input: &mut R, out: &mut W) -> Result<AuthCode, AuthorizeError>
+    pub async fn read_pasted<R, W>(
+        &self,
+        input: &mut R,
+        out: &mut W,
+    ) -> Result<AuthCode, AuthorizeError>
     where
         R: AsyncBufRead + Unpin,
         W: Write,
@@ -503,7 +503,10 @@ impl Flow {
                     if attempts >= MAX_PASTE_ATTEMPTS {
                         return Err(AuthorizeError::TooManyAttempts(attempts));
                     }
-                    writeln!(out, "{hint}\nPaste the full URL (or just the code) and press Enter:")?;
+                    writeln!(
+                        out,
+                        "{hint}\nPaste the full URL (or just the code) and press Enter:"
+                    )?;
                     out.flush()?;
                 }
             }
@@ -544,7 +547,9 @@ impl Flow {
             }
         }
         let Some(refresh_token) = reply.refresh_token() else {
-            return Err(AuthorizeError::NoRefreshToken(no_refresh_token_message(&req)));
+            return Err(AuthorizeError::NoRefreshToken(no_refresh_token_message(
+                &req,
+            )));
         };
         Ok(NewTokens {
             refresh_token: SecretString::from(refresh_token.secret().to_owned()),
@@ -784,7 +789,10 @@ impl RedirectListener {
 }
 
 /// Reads one HTTP request head; hands a redirect on, answers anything else itself.
-async fn read_redirect(mut stream: TcpStream, tx: mpsc::Sender<(Vec<(String, String)>, TcpStream)>) {
+async fn read_redirect(
+    mut stream: TcpStream,
+    tx: mpsc::Sender<(Vec<(String, String)>, TcpStream)>,
+) {
     let head = match tokio::time::timeout(Duration::from_secs(30), read_head(&mut stream)).await {
         Ok(Some(head)) => head,
         _ => return,
@@ -795,9 +803,8 @@ async fn read_redirect(mut stream: TcpStream, tx: mpsc::Sender<(Vec<(String, Str
     let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .into_owned()
         .collect();
-    let is_redirect = method == "GET"
-        && path == "/"
-        && params.iter().any(|(k, _)| k == "code" || k == "error");
+    let is_redirect =
+        method == "GET" && path == "/" && params.iter().any(|(k, _)| k == "code" || k == "error");
     if !is_redirect {
         write_page(
             &mut stream,
@@ -1179,4 +1186,433 @@ fn owner_hint(file: &Path, dir: &Path) -> Option<String> {
             file.display()
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::{extract::State, response::IntoResponse, routing::post, Form, Router};
+    use std::{
+        collections::HashMap,
+        sync::{Arc, Mutex},
+    };
+
+    const SECRET: &str = "GOCSPX-client-SECRET";
+    const CODE: &str = "4/0AeanS0-code-SECRET";
+    const RT: &str = "1//0refresh-SECRET";
+    const AT: &str = "ya29.access-SECRET";
+
+    fn request(token_url: String) -> AuthRequest {
+        AuthRequest {
+            account: "gmail".into(),
+            username: Some("me@example.com".into()),
+            client_id: "123-abc.apps.googleusercontent.com".into(),
+            client_secret: Some(SecretString::from(SECRET.to_owned())),
+            auth_url: "https://accounts.google.com/o/oauth2/auth".into(),
+            token_url,
+            scopes: vec!["https://mail.google.com/".into()],
+            redirect_uri: None,
+            google_offline: true,
+        }
+    }
+
+    fn params(url: &str) -> HashMap<String, String> {
+        Url::parse(url)
+            .unwrap()
+            .query_pairs()
+            .into_owned()
+            .collect()
+    }
+
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<Vec<HashMap<String, String>>>>);
+
+    /// A token endpoint answering every request with `status` and `body`.
+    async fn token_endpoint(status: u16, body: &'static str) -> (String, Seen) {
+        let seen = Seen::default();
+        let app =
+            Router::new()
+                .route(
+                    "/token",
+                    post(
+                        move |State(seen): State<Seen>,
+                              Form(form): Form<HashMap<String, String>>| async move {
+                            seen.0.lock().unwrap().push(form);
+                            (
+                                axum::http::StatusCode::from_u16(status).unwrap(),
+                                [("content-type", "application/json")],
+                                body,
+                            )
+                                .into_response()
+                        },
+                    ),
+                )
+                .with_state(seen.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+        (format!("http://{addr}/token"), seen)
+    }
+
+    #[tokio::test]
+    async fn auth_url_has_pkce_state_and_google_params() {
+        let (flow, listener) = Flow::start(&request("http://127.0.0.1:9/token".into()), 0)
+            .await
+            .unwrap();
+        let port = listener.unwrap().local_addr().unwrap().port();
+        assert_eq!(flow.redirect_uri(), format!("http://127.0.0.1:{port}/"));
+        let p = params(flow.auth_url());
+        assert_eq!(p["response_type"], "code");
+        assert_eq!(p["client_id"], "123-abc.apps.googleusercontent.com");
+        assert_eq!(p["redirect_uri"], flow.redirect_uri());
+        assert_eq!(p["scope"], "https://mail.google.com/");
+        assert_eq!(p["code_challenge_method"], "S256");
+        assert_eq!(p["code_challenge"].len(), 43);
+        assert_eq!(p["access_type"], "offline");
+        assert_eq!(p["prompt"], "consent");
+        assert_eq!(p["login_hint"], "me@example.com");
+        assert!(p["state"].len() >= 16);
+        assert!(!flow.auth_url().contains(SECRET));
+        assert!(!format!("{flow:?}").contains(SECRET));
+    }
+
+    #[tokio::test]
+    async fn check_redirect_state_and_errors() {
+        let mut req = request("http://127.0.0.1:9/token".into());
+        req.redirect_uri = Some("https://example.org/cb".into());
+        let (flow, listener) = Flow::start(&req, 0).await.unwrap();
+        assert!(listener.is_none(), "registered redirect: no listener");
+        let state = params(flow.auth_url())["state"].clone();
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let code = flow
+            .check_redirect(&pairs(&[("state", &state), ("code", CODE)]))
+            .unwrap();
+        assert_eq!(code.0.expose_secret(), CODE);
+        assert!(!format!("{code:?}").contains(CODE));
+        let e = flow
+            .check_redirect(&pairs(&[("state", "other"), ("code", CODE)]))
+            .unwrap_err();
+        assert!(matches!(e, AuthorizeError::StateMismatch(_)), "{e}");
+        assert!(!e.to_string().contains(CODE));
+        let e = flow.check_redirect(&pairs(&[("code", CODE)])).unwrap_err();
+        assert!(e.to_string().contains("no state"), "{e}");
+        let e = flow
+            .check_redirect(&pairs(&[("state", &state), ("error", "access_denied")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("access_denied") && e.contains("Test users") && e.contains("Allow"),
+            "{e}"
+        );
+        let e = flow
+            .check_redirect(&pairs(&[("error", "admin_policy_enforced")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Admin console"), "{e}");
+    }
+
+    #[test]
+    fn pasted_input_forms() {
+        let code = |t: &str| match parse_pasted(t) {
+            Pasted::Code(c) => c.0.expose_secret().to_owned(),
+            other => panic!("{t:?}: {}", kind(&other)),
+        };
+        fn kind(p: &Pasted) -> String {
+            match p {
+                Pasted::Empty => "empty".into(),
+                Pasted::Params(v) => format!("params {v:?}"),
+                Pasted::Code(_) => "code".into(),
+                Pasted::Junk(h) => format!("junk {h}"),
+            }
+        }
+        assert!(matches!(parse_pasted("  \r\n"), Pasted::Empty));
+        assert_eq!(code("4/0AeanS0-code_x.y\n"), "4/0AeanS0-code_x.y");
+        assert_eq!(code("4%2F0AeanS0-code"), "4/0AeanS0-code");
+        match parse_pasted(
+            "  \"http://127.0.0.1:8080/?state=abc&code=4%2F0Ae&scope=https://mail.google.com/\" ",
+        ) {
+            Pasted::Params(p) => {
+                assert!(p.contains(&("code".into(), "4/0Ae".into())));
+                assert!(p.contains(&("state".into(), "abc".into())));
+            }
+            other => panic!("{}", kind(&other)),
+        }
+        assert!(matches!(parse_pasted("?state=a&code=b"), Pasted::Params(_)));
+        assert!(matches!(
+            parse_pasted("/?error=access_denied&state=a"),
+            Pasted::Params(_)
+        ));
+        for (junk, hint) in [
+            ("yes", HINT_NOT_URL),
+            ("http://127.0.0.1:8080/", HINT_NO_CODE),
+            (
+                "https://accounts.google.com/o/oauth2/auth?response_type=code&client_id=x",
+                HINT_SIGN_IN_URL,
+            ),
+            ("http://[bad", HINT_NOT_URL),
+            ("some words pasted by mistake", HINT_NOT_URL),
+            ("4%FF%FE-not-utf8-code", HINT_NOT_URL),
+        ] {
+            match parse_pasted(junk) {
+                Pasted::Junk(h) => assert_eq!(h, hint, "{junk}"),
+                other => panic!("{junk:?}: {}", kind(&other)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn read_pasted_hints_then_accepts_and_checks_state() {
+        let mut req = request("http://127.0.0.1:9/token".into());
+        req.redirect_uri = Some("https://example.org/cb".into());
+        let (flow, _) = Flow::start(&req, 0).await.unwrap();
+        let state = params(flow.auth_url())["state"].clone();
+        let input = format!("\nnonsense\nhttps://example.org/cb?state={state}&code={CODE}\n");
+        let mut out = Vec::new();
+        let code = flow
+            .read_pasted(&mut input.as_bytes(), &mut out)
+            .await
+            .unwrap();
+        assert_eq!(code.0.expose_secret(), CODE);
+        let shown = String::from_utf8(out).unwrap();
+        assert!(
+            shown.contains(HINT_NOT_URL) && shown.contains("Paste the full URL"),
+            "{shown}"
+        );
+
+        let input = format!("https://example.org/cb?state=forged&code={CODE}\n");
+        let e = flow
+            .read_pasted(&mut input.as_bytes(), &mut Vec::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AuthorizeError::StateMismatch(_)), "{e}");
+
+        let e = flow
+            .read_pasted(&mut "junk\n".as_bytes(), &mut Vec::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AuthorizeError::NoInput), "{e}");
+
+        let e = flow
+            .read_pasted(&mut "a\nb\nc\nd\ne\nf\n".as_bytes(), &mut Vec::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AuthorizeError::TooManyAttempts(5)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn listener_ignores_other_requests_and_rejects_wrong_state() {
+        let (flow, listener) = Flow::start(&request("http://127.0.0.1:9/token".into()), 0)
+            .await
+            .unwrap();
+        let mut listener = listener.unwrap();
+        let base = flow.redirect_uri().to_owned();
+        let browser = tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let fav = http.get(format!("{base}favicon.ico")).send().await.unwrap();
+            assert_eq!(fav.status(), 404);
+            // A silent connection (browser preconnect) must not block anything.
+            let _idle =
+                TcpStream::connect(base.trim_start_matches("http://").trim_end_matches('/'))
+                    .await
+                    .unwrap();
+            let r = http
+                .get(format!("{base}?state=forged&code=x"))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        });
+        let e = listener.receive(&flow).await.unwrap_err();
+        assert!(matches!(e, AuthorizeError::StateMismatch(_)), "{e}");
+        let (status, page) = browser.await.unwrap();
+        assert_eq!(status, 400);
+        assert!(
+            page.contains("Authorization failed") && page.contains("nothing was saved"),
+            "{page}"
+        );
+    }
+
+    #[tokio::test]
+    async fn listener_takes_the_code_and_answers_the_tab() {
+        let (flow, listener) = Flow::start(&request("http://127.0.0.1:9/token".into()), 0)
+            .await
+            .unwrap();
+        let mut listener = listener.unwrap();
+        let state = params(flow.auth_url())["state"].clone();
+        let url = format!("{}?state={state}&code=4%2F0Ae&scope=x", flow.redirect_uri());
+        let browser =
+            tokio::spawn(async move { reqwest::get(url).await.unwrap().text().await.unwrap() });
+        let (code, tab) = listener.receive(&flow).await.unwrap();
+        assert_eq!(code.0.expose_secret(), "4/0Ae");
+        tab.answer(Ok("Saved <ok>.")).await;
+        let page = browser.await.unwrap();
+        assert!(
+            page.contains("close this tab") && page.contains("Saved &lt;ok&gt;."),
+            "{page}"
+        );
+    }
+
+    async fn exchange_with(
+        status: u16,
+        body: &'static str,
+    ) -> (Result<NewTokens, AuthorizeError>, Seen) {
+        let (url, seen) = token_endpoint(status, body).await;
+        let (flow, _) = Flow::start(&request(url), 0).await.unwrap();
+        (flow.exchange(AuthCode::new(CODE.into())).await, seen)
+    }
+
+    #[tokio::test]
+    async fn exchange_sends_verifier_and_redirect_and_reads_tokens() {
+        let (r, seen) = exchange_with(
+            200,
+            r#"{"access_token":"ya29.access-SECRET","expires_in":3599,"refresh_token":"1//0refresh-SECRET","scope":"https://mail.google.com/","token_type":"Bearer"}"#,
+        )
+        .await;
+        let t = r.unwrap();
+        assert_eq!(t.refresh_token.expose_secret(), RT);
+        assert_eq!(t.access_token.expose_secret(), AT);
+        assert_eq!(t.expires_in, Duration::from_secs(3599));
+        let d = format!("{t:?}");
+        assert!(!d.contains(RT) && !d.contains(AT), "{d}");
+        let form = seen.0.lock().unwrap()[0].clone();
+        assert_eq!(form["grant_type"], "authorization_code");
+        assert_eq!(form["code"], CODE);
+        assert!(form["redirect_uri"].starts_with("http://127.0.0.1:"));
+        assert_eq!(form["code_verifier"].len(), 43);
+    }
+
+    #[tokio::test]
+    async fn exchange_errors_are_precise_and_secret_free() {
+        let cases: [(u16, &'static str, &[&str]); 6] = [
+            (
+                400,
+                r#"{"error":"invalid_grant","error_description":"Bad Request"}"#,
+                &["invalid_grant", "single-use", "run `authorize` again"],
+            ),
+            (
+                400,
+                r#"{"error":"redirect_uri_mismatch","error_description":"Bad Request"}"#,
+                &[
+                    "redirect_uri_mismatch",
+                    "Desktop app",
+                    "Authorized redirect URIs",
+                ],
+            ),
+            (
+                401,
+                r#"{"error":"invalid_client","error_description":"Unauthorized"}"#,
+                &["invalid_client", "client_secret_json"],
+            ),
+            (
+                200,
+                r#"{"access_token":"ya29.access-SECRET","expires_in":3599,"scope":"https://mail.google.com/","token_type":"Bearer"}"#,
+                &[
+                    "no refresh token",
+                    "Desktop app",
+                    "myaccount.google.com/permissions",
+                ],
+            ),
+            (
+                200,
+                r#"{"access_token":"ya29.access-SECRET","expires_in":3599,"refresh_token":"1//0refresh-SECRET","scope":"openid email","token_type":"Bearer"}"#,
+                &["without the scope https://mail.google.com/", "tick"],
+            ),
+            (
+                200,
+                r#"{"oops":"ya29.access-SECRET"}"#,
+                &["did not answer with a token response"],
+            ),
+        ];
+        for (status, body, wanted) in cases {
+            let (r, _) = exchange_with(status, body).await;
+            let e = r.unwrap_err().to_string();
+            for w in wanted {
+                assert!(e.contains(w), "{body}: {e:?} lacks {w:?}");
+            }
+            for s in [SECRET, CODE, RT, AT] {
+                assert!(!e.contains(s), "{e}");
+            }
+        }
+        // Unreachable endpoint.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/token", l.local_addr().unwrap());
+        drop(l);
+        let (flow, _) = Flow::start(&request(url), 0).await.unwrap();
+        let e = flow
+            .exchange(AuthCode::new(CODE.into()))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot reach the token endpoint"), "{e}");
+    }
+
+    #[test]
+    fn save_writes_all_fields_and_keeps_unknown_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(d.path().join("g.json"));
+        std::fs::write(
+            store.path(),
+            r#"{"refresh_token":"old","custom":1,"last_error":"invalid_grant: x"}"#,
+        )
+        .unwrap();
+        let tokens = NewTokens {
+            refresh_token: SecretString::from(RT.to_owned()),
+            access_token: SecretString::from(AT.to_owned()),
+            expires_in: Duration::from_secs(3599),
+            scopes: None,
+        };
+        let expires_at = save_tokens(&store, &tokens).unwrap();
+        let f = store.load().unwrap();
+        assert_eq!(f.refresh_token.expose_secret(), RT);
+        assert_eq!(f.access_token.unwrap().expose_secret(), AT);
+        assert_eq!(f.expires_at, Some(expires_at));
+        assert_eq!(f.refresh_token_issued_at, f.last_refresh_at);
+        assert!(f.last_refresh_at.unwrap() + 3599 >= expires_at);
+        assert_eq!(f.last_error, None);
+        assert_eq!(f.extra["custom"], 1);
+        assert_eq!(store.mode(), Some(0o600));
+    }
+
+    #[test]
+    fn token_dir_is_created_0700_or_refused_with_a_hint() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let (dir, created) = prepare_token_dir(&d.path().join("a/b/t.json")).unwrap();
+        assert!(created);
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let (_, created) = prepare_token_dir(&dir.join("t.json")).unwrap();
+        assert!(!created);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "check file removed"
+        );
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o500)).unwrap();
+        if tempfile::tempfile_in(&dir).is_err() {
+            let e = prepare_token_dir(&dir.join("t.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("sudo -u"), "{e}");
+        }
+    }
+
+    #[test]
+    fn custom_provider_without_auth_url_is_named() {
+        let cfg = crate::config::Config::from_toml(
+            "[[account]]\nname = \"c\"\nprovider = \"custom\"\nusername = \"a@b.c\"\nclient_id = \"x\"\ntoken_file = \"/tmp/t.json\"\nsmtp_host = \"smtp.example\"\ntoken_url = \"https://idp.example/token\"\n",
+            Path::new("/etc/r.toml"),
+        )
+        .unwrap();
+        let e = AuthRequest::from_account(&cfg.accounts[0])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`auth_url`") && e.contains("custom"), "{e}");
+    }
 }

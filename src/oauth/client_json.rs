@@ -256,7 +256,10 @@ mod tests {
         let e = parse(&format!(r#"{{"other":{{"client_secret":"{SECRET}"}}}}"#)).unwrap_err();
         let m = e.to_string();
         assert!(m.contains("neither an \"installed\" nor a \"web\""), "{m}");
-        assert!(m.contains("Download JSON") && m.contains("client.json"), "{m}");
+        assert!(
+            m.contains("Download JSON") && m.contains("client.json"),
+            "{m}"
+        );
 
         let m = parse(&format!(
             r#"{{"type":"service_account","private_key":"{SECRET}"}}"#
@@ -276,7 +279,10 @@ mod tests {
         assert!(m.contains("redirect_uris") && m.contains("list"), "{m}");
 
         let m = parse(&installed()[..60]).unwrap_err().to_string();
-        assert!(m.contains("ends too early") && !m.contains("123-abc"), "{m}");
+        assert!(
+            m.contains("ends too early") && !m.contains("123-abc"),
+            "{m}"
+        );
         let m = parse(&installed().replace("{\"installed\"", "{oops \"installed\""))
             .unwrap_err()
             .to_string();
@@ -288,8 +294,14 @@ mod tests {
         assert!(m.contains("client_secret\" is not a string"), "{m}");
 
         let both = r#"{"installed":{},"web":{}}"#;
-        assert!(matches!(parse(both), Err(ClientJsonError::BothKinds { .. })));
-        assert!(matches!(parse("[1]"), Err(ClientJsonError::NoClient { .. })));
+        assert!(matches!(
+            parse(both),
+            Err(ClientJsonError::BothKinds { .. })
+        ));
+        assert!(matches!(
+            parse("[1]"),
+            Err(ClientJsonError::NoClient { .. })
+        ));
     }
 
     #[test]
