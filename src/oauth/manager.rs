@@ -894,7 +894,7 @@ mod tests {
         let (h, _join) =
             TokenManager::start(settings(), store.clone(), fake.clone(), stop.clone()).unwrap();
         wait_generation(&h, 1).await;
-        sleep(Duration::from_millis(3299_500)).await;
+        sleep(Duration::from_millis(3_299_500)).await;
         // The refresh-ahead failed; the old token is still handed out.
         assert!(fake.count() >= 2);
         assert_eq!(h.current().unwrap().secret(), "ya29.SECRET-a");

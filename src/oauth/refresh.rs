@@ -81,6 +81,15 @@ pub trait Refresher: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Grant, RefreshError>> + Send;
 }
 
+impl<R: Refresher> Refresher for std::sync::Arc<R> {
+    fn refresh(
+        &self,
+        refresh_token: &SecretString,
+    ) -> impl Future<Output = Result<Grant, RefreshError>> + Send {
+        (**self).refresh(refresh_token)
+    }
+}
+
 type TokenClient =
     BasicClient<EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
 
@@ -523,6 +532,70 @@ mod tests {
             matches!(e, RefreshError::Other { .. }) && e.to_string().contains("invalid_scope"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn token_manager_with_the_real_refresher() {
+        use crate::oauth::{ManagerSettings, TokenManager, TokenStore};
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path().join("t.json"));
+        std::fs::write(store.path(), format!(r#"{{"refresh_token": "{RT}"}}"#)).unwrap();
+        let (url, _) = endpoint(
+            200,
+            r#"{"access_token": "ya29.access-SECRET-xyz", "expires_in": 3599, "token_type": "Bearer"}"#,
+            JSON,
+        )
+        .await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (h, join) = TokenManager::start(
+            ManagerSettings::new("me@example.com"),
+            store.clone(),
+            std::sync::Arc::new(refresher(url)),
+            stop.clone(),
+        )
+        .unwrap();
+        let t = h.ready(Duration::from_secs(10)).await.unwrap();
+        assert_eq!((t.secret(), t.generation), (AT, 1));
+        assert!(t.valid_for(Duration::from_secs(3500)));
+        // Saved right after publishing.
+        let mut saved = None;
+        for _ in 0..200 {
+            saved = store.load().unwrap().access_token;
+            if saved.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(saved.unwrap().expose_secret(), AT);
+        stop.cancel();
+        join.await.unwrap();
+
+        // A dead refresh token: senders get the reason.
+        std::fs::write(store.path(), format!(r#"{{"refresh_token": "{RT}"}}"#)).unwrap();
+        let (url, _) = endpoint(
+            400,
+            r#"{"error": "invalid_grant", "error_description": "Token has been expired or revoked."}"#,
+            JSON,
+        )
+        .await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (h, _join) = TokenManager::start(
+            ManagerSettings::new("me@example.com"),
+            store.clone(),
+            refresher(url),
+            stop.clone(),
+        )
+        .unwrap();
+        let mut reason = String::new();
+        for _ in 0..500 {
+            reason = h.current().unwrap_err().reason.to_string();
+            if reason.contains("invalid_grant") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(reason.contains("invalid_grant"), "{reason}");
+        stop.cancel();
     }
 
     #[test]

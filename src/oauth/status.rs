@@ -180,3 +180,130 @@ impl fmt::Display for TokenStatus {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oauth::store::TokenFile;
+    use secrecy::SecretString;
+    use std::os::unix::fs::PermissionsExt;
+
+    const RT: &str = "1//0refresh-SECRET-abc";
+    const AT: &str = "ya29.access-SECRET-xyz";
+    const NOW: u64 = 1_800_000_000;
+
+    fn store(edit: impl FnOnce(&mut TokenFile)) -> (tempfile::TempDir, TokenStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path().join("token.json"));
+        let mut f = TokenFile::new(SecretString::from(RT.to_owned()));
+        f.access_token = Some(SecretString::from(AT.to_owned()));
+        edit(&mut f);
+        store.save(&f).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn healthy_token_status_text() {
+        let (_d, s) = store(|f| {
+            f.expires_at = Some(NOW + 42 * 60);
+            f.last_refresh_at = Some(NOW - 18 * 60);
+            f.refresh_token_issued_at = Some(NOW - 2 * 86_400);
+        });
+        let st = status(&s, NOW).unwrap();
+        let text = st.to_string();
+        assert!(st.access_token_valid() && st.warnings.is_empty(), "{text}");
+        assert!(text.contains("valid, expires in 42 min"), "{text}");
+        assert!(
+            text.contains("(18 min ago)") && text.contains("(2 days ago)"),
+            "{text}"
+        );
+        assert!(text.contains("last error:     none"), "{text}");
+        assert!(!text.contains(RT) && !text.contains(AT) && !format!("{st:?}").contains(AT));
+    }
+
+    #[test]
+    fn expired_token_and_failed_refresh_are_warned_about() {
+        let (_d, s) = store(|f| {
+            f.expires_at = Some(NOW - 300);
+            f.last_error = Some("invalid_grant: Token has been expired or revoked.".into());
+        });
+        let st = status(&s, NOW).unwrap();
+        let text = st.to_string();
+        assert!(text.contains("expired 5 min ago"), "{text}");
+        assert!(
+            text.contains("refresh token:  present, issue time unknown"),
+            "{text}"
+        );
+        assert!(
+            st.warnings
+                .iter()
+                .any(|w| w.contains("last refresh failed")
+                    && w.contains("smtp-oauth-relay authorize")),
+            "{text}"
+        );
+
+        let (_d, s) = store(|f| f.expires_at = Some(NOW - 7200));
+        let st = status(&s, NOW).unwrap();
+        assert!(st.warnings[0].contains("is running"), "{st}");
+    }
+
+    #[test]
+    fn old_google_refresh_token_is_warned_about() {
+        let (_d, s) = store(|f| {
+            f.expires_at = Some(NOW + 1000);
+            f.refresh_token_issued_at = Some(NOW - 6 * 86_400 - 60);
+            f.last_refresh_at = Some(NOW - 2000);
+        });
+        let st = status(&s, NOW).unwrap();
+        assert!(
+            st.warnings
+                .iter()
+                .any(|w| w.contains("6 days old") && w.contains("Testing expire after 7 days")),
+            "{st}"
+        );
+        assert!(status_with(&s, NOW, ProviderHint::Custom)
+            .unwrap()
+            .warnings
+            .is_empty());
+
+        // A token that worked past its 7th day is not a Testing one.
+        let (_d, s) = store(|f| {
+            f.expires_at = Some(NOW + 1000);
+            f.refresh_token_issued_at = Some(NOW - 30 * 86_400);
+            f.last_refresh_at = Some(NOW - 2000);
+        });
+        assert!(status(&s, NOW).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn loose_file_mode_is_warned_about() {
+        let (_d, s) = store(|f| f.expires_at = Some(NOW + 1000));
+        std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let st = status(&s, NOW).unwrap();
+        assert!(
+            st.warnings
+                .iter()
+                .any(|w| w.contains("0644") && w.contains("chmod 600")),
+            "{st}"
+        );
+    }
+
+    #[test]
+    fn minimal_file_and_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::new(dir.path().join("t.json"));
+        assert!(status(&s, NOW)
+            .unwrap_err()
+            .to_string()
+            .contains("authorize"));
+        std::fs::write(s.path(), format!(r#"{{"refresh_token": "{RT}"}}"#)).unwrap();
+        std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let st = status(&s, NOW).unwrap();
+        let text = st.to_string();
+        assert!(
+            text.contains("none stored") && text.contains("last refresh:   never"),
+            "{text}"
+        );
+        assert!(st.warnings.is_empty(), "{text}");
+    }
+}

@@ -60,6 +60,11 @@ impl TokenFile {
                 _ => "it is not valid JSON",
             },
         })?;
+        Self::from_value(value)
+    }
+
+    /// Builds a file from parsed JSON. Errors never contain the value.
+    pub fn from_value(value: Value) -> Result<Self, ParseError> {
         let Value::Object(mut map) = value else {
             return Err(ParseError::NotAnObject);
         };
@@ -87,6 +92,14 @@ impl TokenFile {
 
     /// The file's text: pretty JSON, optional fields left out when unset.
     pub fn to_json(&self) -> Vec<u8> {
+        let mut out =
+            serde_json::to_vec_pretty(&self.to_value()).unwrap_or_else(|_| b"{}".to_vec());
+        out.push(b'\n');
+        out
+    }
+
+    /// The file as a JSON object (holds the secrets in clear: for writing the file only).
+    pub fn to_value(&self) -> Value {
         let mut map = self.extra.clone();
         map.insert(
             "refresh_token".into(),
@@ -112,10 +125,21 @@ impl TokenFile {
             Some(e) => map.insert("last_error".into(), Value::String(e.clone())),
             None => map.remove("last_error"),
         };
-        let mut out =
-            serde_json::to_vec_pretty(&Value::Object(map)).unwrap_or_else(|_| b"{}".to_vec());
-        out.push(b'\n');
-        out
+        Value::Object(map)
+    }
+}
+
+/// The file format; unknown keys are kept (like `#[serde(flatten)] extra`).
+impl serde::Serialize for TokenFile {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_value().serialize(serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TokenFile {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        TokenFile::from_value(value).map_err(serde::de::Error::custom)
     }
 }
 
@@ -437,6 +461,24 @@ mod tests {
             .contains("non-empty string"));
         fs::write(s.path(), "").unwrap();
         assert!(s.load().unwrap_err().to_string().contains("ends too early"));
+    }
+
+    #[test]
+    fn serde_impls_match_the_file_format() {
+        let f: TokenFile = serde_json::from_str(&format!(
+            r#"{{"refresh_token": "{RT}", "expires_at": 7, "x": true}}"#
+        ))
+        .unwrap();
+        assert_eq!(f.expires_at, Some(7));
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(v["refresh_token"], RT);
+        assert_eq!(v["x"], true);
+        let e = serde_json::from_str::<TokenFile>(&format!(
+            r#"{{"refresh_token": "{RT}", "expires_at": "{AT}"}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains(AT) && e.contains("expires_at"), "{e}");
     }
 
     #[test]
