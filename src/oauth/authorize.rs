@@ -1064,10 +1064,10 @@ where
             "(--port is not used: the account has a registered redirect URI.)\n"
         )?;
     }
-    let where_ = if listener.is_some() && !opts.no_browser {
-        "in a browser"
-    } else {
+    let where_ = if opts.no_browser {
         "in a browser on any machine"
+    } else {
+        "in a browser"
     };
     writeln!(
         out,
@@ -1075,11 +1075,10 @@ where
         acct.username,
         flow.auth_url()
     )?;
+    if !opts.no_browser && opts.browser.open(flow.auth_url()) {
+        writeln!(out, "(A browser was started with it.)")?;
+    }
     if listener.is_some() {
-        let opened = !opts.no_browser && opts.browser.open(flow.auth_url());
-        if opened {
-            writeln!(out, "(A browser was started with it.)")?;
-        }
         writeln!(
             out,
             "Waiting up to {} minutes for the browser to come back to {}.\n\
