@@ -86,3 +86,46 @@ pub enum TokenCommand {
         account: Option<String>,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorize_flags() {
+        let cli = Cli::try_parse_from([
+            "smtp-oauth-relay",
+            "--config",
+            "/tmp/c.toml",
+            "authorize",
+            "--account",
+            "gmail",
+            "--no-browser",
+            "--port",
+            "8765",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Authorize {
+                account,
+                no_browser,
+                port,
+            } => {
+                assert_eq!(account.as_deref(), Some("gmail"));
+                assert!(no_browser);
+                assert_eq!(port, Some(8765));
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["smtp-oauth-relay", "authorize"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Authorize {
+                account: None,
+                no_browser: false,
+                port: None
+            }
+        ));
+        assert!(Cli::try_parse_from(["smtp-oauth-relay", "authorize", "--port", "x"]).is_err());
+    }
+}
