@@ -65,7 +65,8 @@ pub enum Command {
         /// redirected URL (or just the code).
         #[arg(long)]
         no_browser: bool,
-        /// Loopback port for the redirect (default: any free port).
+        /// Loopback port for the redirect (default: any free port). Fix it to forward it
+        /// over SSH (`ssh -L N:127.0.0.1:N server`) and let the redirect arrive by itself.
         #[arg(long, value_name = "N")]
         port: Option<u16>,
     },
