@@ -70,7 +70,7 @@ pub enum AuthorizeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("no authorization arrived within {} minutes; run `authorize` again (when the browser is on another machine, paste the URL it was redirected to)", .after.as_secs().div_ceil(60))]
+    #[error("no authorization arrived within {}; run `authorize` again (when the browser is on another machine, paste the URL it was redirected to)", minutes(*.after))]
     Timeout { after: Duration },
     #[error("the input ended before an authorization code was pasted; run `authorize` in a terminal and paste the URL the browser was redirected to (or use the browser on this machine)")]
     NoInput,
@@ -101,6 +101,15 @@ pub enum AuthorizeError {
     HttpClient(String),
     #[error("terminal input/output failed: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// "10 minutes", "1 minute", "30 seconds".
+fn minutes(d: Duration) -> String {
+    match d.as_secs() {
+        s if s < 60 => format!("{s} seconds"),
+        s if s.div_ceil(60) == 1 => "1 minute".to_owned(),
+        s => format!("{} minutes", s.div_ceil(60)),
+    }
 }
 
 /// How `run`/`run_with` shows the sign-in URL to the user besides printing it.
@@ -1081,11 +1090,11 @@ where
     if listener.is_some() {
         writeln!(
             out,
-            "Waiting up to {} minutes for the browser to come back to {}.\n\
+            "Waiting up to {} for the browser to come back to {}.\n\
              If the browser runs on another machine, the last page (an address starting with\n\
              {}) will fail to load; that is expected. Copy that full address from the\n\
              browser's address bar, paste it here and press Enter.",
-            opts.timeout.as_secs().div_ceil(60),
+            minutes(opts.timeout),
             flow.redirect_uri(),
             flow.redirect_uri()
         )?;
