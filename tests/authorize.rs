@@ -346,6 +346,34 @@ async fn web_client_json_with_registered_redirect_uri() {
     no_secrets(&shown, &sb, dir.path());
 }
 
+#[tokio::test]
+async fn installed_client_json_alone_is_enough() {
+    let sb = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The console's "installed" download: client id, secret, auth and token URIs.
+    std::fs::write(dir.path().join("client.json"), sb.client_secret_json()).unwrap();
+    let text = format!(
+        "[[account]]\nusername = {:?}\nclient_secret_json = \"client.json\"\ntoken_file = \"tokens/sandbox.json\"\n",
+        sb.username
+    );
+    let cfg = Config::from_toml(&text, &dir.path().join("config.toml")).unwrap();
+    let opts = AuthorizeOptions {
+        browser: Browser::Custom(Arc::new(|url: &str| {
+            let url = url.to_owned();
+            drop(tokio::spawn(async move { reqwest::get(url).await.ok() }));
+        })),
+        ..AuthorizeOptions::default()
+    };
+    let (_stdin, mut input) = paste_pipe();
+    let (screen, _lines) = Screen::new();
+    let done = run_with(&cfg, None, opts, &mut input, &mut screen.clone())
+        .await
+        .unwrap();
+    assert_eq!(done.account, "default");
+    refresh_token_works(&sb, dir.path()).await;
+    no_secrets(&screen.text(), &sb, dir.path());
+}
+
 /// Runs `authorize` in paste mode; `tamper` turns the redirected URL into what is pasted.
 async fn paste_run(
     sb: &Sandbox,
