@@ -503,10 +503,17 @@ async fn stdin_closed_does_not_stop_the_listener_but_times_out() {
         ..AuthorizeOptions::default()
     };
     let mut input: &[u8] = b"";
-    let e = run_with(&cfg, None, opts, &mut input, &mut Vec::new())
+    let mut out = Vec::new();
+    let e = run_with(&cfg, None, opts, &mut input, &mut out)
         .await
         .unwrap_err();
     assert!(matches!(e, AuthorizeError::Timeout { .. }), "{e}");
+    assert!(e.to_string().contains("within 300 ms"), "{e}");
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.contains("waiting for the browser's redirect only"),
+        "{text}"
+    );
 }
 
 // ---- The sandbox identity provider itself -------------------------------------------

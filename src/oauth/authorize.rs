@@ -103,9 +103,10 @@ pub enum AuthorizeError {
     Io(#[from] std::io::Error),
 }
 
-/// "10 minutes", "1 minute", "30 seconds".
+/// "10 minutes", "1 minute", "30 seconds", "300 ms".
 fn minutes(d: Duration) -> String {
     match d.as_secs() {
+        0 => format!("{} ms", d.as_millis()),
         s if s < 60 => format!("{s} seconds"),
         s if s.div_ceil(60) == 1 => "1 minute".to_owned(),
         s => format!("{} minutes", s.div_ceil(60)),
@@ -926,18 +927,25 @@ where
     let Some(listener) = listener else {
         return flow.read_pasted(input, out).await.map(|c| (c, None));
     };
-    let received = listener.receive(flow);
-    let pasted = flow.read_pasted(input, out);
-    tokio::pin!(received, pasted);
-    let mut input_open = true;
-    loop {
+    let first = {
+        let received = listener.receive(flow);
+        let pasted = flow.read_pasted(input, out);
+        tokio::pin!(received, pasted);
         tokio::select! {
             r = &mut received => return r.map(|(c, tab)| (c, Some(tab))),
-            r = &mut pasted, if input_open => match r {
-                Err(AuthorizeError::NoInput) => input_open = false,
-                other => return other.map(|c| (c, None)),
-            },
+            r = &mut pasted => r,
         }
+    };
+    match first {
+        Err(AuthorizeError::NoInput) => {
+            writeln!(
+                out,
+                "(The input is closed: waiting for the browser's redirect only.)"
+            )?;
+            out.flush()?;
+            listener.receive(flow).await.map(|(c, tab)| (c, Some(tab)))
+        }
+        other => other.map(|c| (c, None)),
     }
 }
 
