@@ -66,6 +66,22 @@ pub enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// Sign in once (authorization code + PKCE) and write the account's token file.
+    /// Listens on http://127.0.0.1:PORT/ for the browser's redirect; on a server without
+    /// a browser, open the printed URL anywhere and paste back the URL it ends on.
+    Authorize {
+        /// The account (default: the first one).
+        #[arg(long)]
+        account: Option<String>,
+        /// Do not try to open a browser here: open the URL on any machine, then paste the
+        /// redirected URL (or just the code).
+        #[arg(long)]
+        no_browser: bool,
+        /// Loopback port for the redirect (default: any free port). Fix it to forward it
+        /// over SSH (`ssh -L N:127.0.0.1:N server`) and let the redirect arrive by itself.
+        #[arg(long, value_name = "N")]
+        port: Option<u16>,
+    },
 }
 
 /// Options of `smtp-oauth-relay sandbox`.
@@ -128,4 +144,47 @@ pub enum TokenCommand {
         #[arg(long)]
         account: Option<String>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorize_flags() {
+        let cli = Cli::try_parse_from([
+            "smtp-oauth-relay",
+            "--config",
+            "/tmp/c.toml",
+            "authorize",
+            "--account",
+            "gmail",
+            "--no-browser",
+            "--port",
+            "8765",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Authorize {
+                account,
+                no_browser,
+                port,
+            } => {
+                assert_eq!(account.as_deref(), Some("gmail"));
+                assert!(no_browser);
+                assert_eq!(port, Some(8765));
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["smtp-oauth-relay", "authorize"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Authorize {
+                account: None,
+                no_browser: false,
+                port: None
+            }
+        ));
+        assert!(Cli::try_parse_from(["smtp-oauth-relay", "authorize", "--port", "x"]).is_err());
+    }
 }

@@ -10,8 +10,16 @@ use std::{
 use secrecy::SecretString;
 use serde::Deserialize;
 
+use crate::oauth::client_json::{ClientKind, ClientSecretJson};
+
 /// Where `--config` points when it is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/smtp-oauth-relay/config.toml";
+
+/// Google's authorization endpoint, as in the console's client file.
+pub const GMAIL_AUTH_URL: &str = "https://accounts.google.com/o/oauth2/auth";
+
+/// The scope Gmail's SMTP needs for XOAUTH2.
+pub const GMAIL_SCOPE: &str = "https://mail.google.com/";
 
 /// Gmail's advertised SIZE limit, also our default.
 pub const GMAIL_MAX_MESSAGE_SIZE: usize = 35_882_577;
@@ -82,6 +90,16 @@ pub struct RawAccount {
     pub client_id: Option<String>,
     pub client_secret: Option<SecretString>,
     pub client_secret_file: Option<PathBuf>,
+    /// Google's downloaded client file (`installed` or `web` shape): supplies client id,
+    /// secret, auth/token URIs and redirect URIs; explicit keys override it.
+    pub client_secret_json: Option<PathBuf>,
+    /// Authorization endpoint used by `authorize`.
+    pub auth_url: Option<String>,
+    /// Scopes requested by `authorize`.
+    pub scopes: Option<Vec<String>>,
+    /// Redirect URI registered for the client (a "Web application" client); `authorize`
+    /// then asks for the redirected URL to be pasted instead of listening on loopback.
+    pub redirect_uri: Option<String>,
     pub token_file: Option<PathBuf>,
     pub refresh_margin_secs: Option<u64>,
     pub smtp_host: Option<String>,
@@ -176,6 +194,24 @@ pub struct AccountConfig {
     pub pool_size: usize,
     pub max_idle: Duration,
     pub max_messages_per_connection: u32,
+    /// Authorization endpoint for `authorize`; `None` only for provider "custom" without
+    /// `auth_url` (the relay itself never needs it).
+    pub auth_url: Option<String>,
+    /// Scopes `authorize` asks for (Gmail: `https://mail.google.com/`).
+    pub scopes: Vec<String>,
+    /// The redirect URI `authorize` uses: `redirect_uri`, else the first registered one of
+    /// a "web" client file. `None`: a loopback listener on `http://127.0.0.1:PORT/`.
+    pub redirect_uri: Option<String>,
+    /// What `client_secret_json` said, if given (for `authorize`'s messages).
+    pub client_file: Option<ClientFileInfo>,
+}
+
+/// Where an account's client came from when `client_secret_json` is used.
+#[derive(Debug, Clone)]
+pub struct ClientFileInfo {
+    pub path: PathBuf,
+    pub kind: ClientKind,
+    pub redirect_uris: Vec<String>,
 }
 
 impl AccountConfig {
@@ -452,12 +488,28 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
             format!("{username:?} is not an email address"),
         ));
     }
-    let client_id = required(
-        a.client_id,
-        "client_id",
-        "the OAuth client ID from the Google Cloud console (…apps.googleusercontent.com)",
-    )?;
-    let client_secret = match (a.client_secret, a.client_secret_file) {
+    let client_json = match &a.client_secret_json {
+        None => None,
+        Some(f) => {
+            let f = c.resolve(f);
+            let json = ClientSecretJson::load(&f)
+                .map_err(|e| c.err(key("client_secret_json"), e.to_string()))?;
+            Some((f, json))
+        }
+    };
+    let json = client_json.as_ref().map(|(_, j)| j);
+    let client_id = match a.client_id {
+        Some(id) if !id.trim().is_empty() => id,
+        _ => match json {
+            Some(j) => j.client_id.clone(),
+            None => required(
+                None,
+                "client_id",
+                "the OAuth client ID from the Google Cloud console (…apps.googleusercontent.com), or client_secret_json = PATH to the client file downloaded from the console",
+            )?,
+        },
+    };
+    let explicit_secret = match (a.client_secret, a.client_secret_file) {
         (Some(_), Some(_)) => {
             return Err(c.err(
                 key("client_secret_file"),
@@ -484,11 +536,14 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
         }
         (None, None) => None,
     };
+    let client_secret = explicit_secret.or_else(|| json.and_then(|j| j.client_secret.clone()));
     if client_secret.is_none() && provider == Provider::Gmail {
-        return Err(c.err(
-            key("client_secret"),
-            "is required for Gmail: copy it from the OAuth client in the Google Cloud console (or use client_secret_file = PATH)",
-        ));
+        let problem = if client_json.is_some() {
+            "is required for Gmail and the client_secret_json file has none: copy it from the OAuth client in the Google Cloud console (or use client_secret_file = PATH)"
+        } else {
+            "is required for Gmail: copy it from the OAuth client in the Google Cloud console (or use client_secret_file = PATH, or client_secret_json = PATH to the downloaded client file)"
+        };
+        return Err(c.err(key("client_secret"), problem));
     }
     let token_file = c.resolve(&a.token_file.ok_or_else(|| {
         c.err(
@@ -511,11 +566,63 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
     if smtp_port == 0 {
         return Err(c.err(key("smtp_port"), "must not be 0"));
     }
+    // Explicit keys, then the client file, then the provider's defaults.
+    let token_url_key = if a.token_url.is_some() {
+        key("token_url")
+    } else {
+        key("client_secret_json")
+    };
     let token_url = a
         .token_url
+        .or_else(|| json.and_then(|j| j.token_uri.clone()))
         .or(default_url)
         .ok_or_else(|| c.err(key("token_url"), "is required for provider \"custom\""))?;
-    check_token_url(&token_url).map_err(|p| c.err(key("token_url"), p))?;
+    check_token_url(&token_url).map_err(|p| c.err(token_url_key, p))?;
+    let auth_url_key = if a.auth_url.is_some() {
+        key("auth_url")
+    } else {
+        key("client_secret_json")
+    };
+    let auth_url = a
+        .auth_url
+        .or_else(|| json.and_then(|j| j.auth_uri.clone()))
+        .or_else(|| (provider == Provider::Gmail).then(|| GMAIL_AUTH_URL.to_owned()));
+    if let Some(u) = &auth_url {
+        check_token_url(u).map_err(|p| c.err(auth_url_key, p))?;
+    }
+    let scopes = match a.scopes {
+        Some(list) => {
+            if list.is_empty() {
+                return Err(c.err(
+                    key("scopes"),
+                    format!("is empty; give at least one scope, e.g. [\"{GMAIL_SCOPE}\"]"),
+                ));
+            }
+            for (j, s) in list.iter().enumerate() {
+                if s.trim().is_empty() || s.contains(char::is_whitespace) {
+                    return Err(c.err(
+                        format!("account[{i}].scopes[{j}]"),
+                        format!("{s:?} is not a scope: one scope per list item, no spaces"),
+                    ));
+                }
+            }
+            list
+        }
+        None if provider == Provider::Gmail => vec![GMAIL_SCOPE.to_owned()],
+        None => Vec::new(),
+    };
+    if let Some(r) = &a.redirect_uri {
+        check_redirect_uri(r).map_err(|p| c.err(key("redirect_uri"), p))?;
+    }
+    let redirect_uri = a.redirect_uri.or_else(|| match json {
+        Some(j) if j.kind == ClientKind::Web => j.redirect_uris.first().cloned(),
+        _ => None,
+    });
+    let client_file = client_json.map(|(path, j)| ClientFileInfo {
+        path,
+        kind: j.kind,
+        redirect_uris: j.redirect_uris,
+    });
     let ca_file = a.ca_file.map(|f| c.resolve(&f));
     if let Some(f) = &ca_file {
         if let Err(e) = std::fs::metadata(f) {
@@ -550,7 +657,25 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
         pool_size,
         max_idle: Duration::from_secs(a.max_idle_secs.unwrap_or(240)),
         max_messages_per_connection,
+        auth_url,
+        scopes,
+        redirect_uri,
+        client_file,
     })
+}
+
+/// Checks a redirect URI: an absolute http(s) URL without a fragment.
+pub fn check_redirect_uri(uri: &str) -> Result<(), String> {
+    let url = oauth2::url::Url::parse(uri).map_err(|e| format!("{uri:?} is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "{uri:?} is not an http(s) URL; give the redirect URI exactly as registered for the client in the console"
+        ));
+    }
+    if url.fragment().is_some() {
+        return Err(format!("{uri:?} must not contain a #fragment"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -677,6 +802,169 @@ token_file = "/var/lib/smtp-oauth-relay/gmail.json"
             e.contains("server.listen[0]") && e.contains("IP:port"),
             "{e}"
         );
+    }
+
+    const JSON_SECRET: &str = "GOCSPX-from-json-SECRET";
+
+    fn client_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn installed_json() -> String {
+        format!(
+            r#"{{"installed":{{"client_id":"json-id.apps.googleusercontent.com","project_id":"p","auth_uri":"https://accounts.google.com/o/oauth2/auth","token_uri":"https://oauth2.googleapis.com/token","client_secret":"{JSON_SECRET}","redirect_uris":["http://localhost"]}}}}"#
+        )
+    }
+
+    fn with_json(path: &Path, extra: &str) -> String {
+        format!(
+            "[[account]]\nname = \"g\"\nusername = \"me@example.com\"\ntoken_file = \"t.json\"\nclient_secret_json = {:?}\n{extra}",
+            path.display().to_string()
+        )
+    }
+
+    #[test]
+    fn client_secret_json_installed_supplies_client() {
+        let d = tempfile::tempdir().unwrap();
+        let f = client_file(d.path(), "client.json", &installed_json());
+        let c = parse(&with_json(&f, "")).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.client_id, "json-id.apps.googleusercontent.com");
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(a.client_secret.as_ref().unwrap()),
+            JSON_SECRET
+        );
+        assert_eq!(a.auth_url.as_deref(), Some(GMAIL_AUTH_URL));
+        assert_eq!(a.token_url, "https://oauth2.googleapis.com/token");
+        assert_eq!(a.scopes, [GMAIL_SCOPE]);
+        assert_eq!(a.redirect_uri, None, "installed: loopback listener");
+        let info = a.client_file.as_ref().unwrap();
+        assert_eq!(info.kind, ClientKind::Installed);
+        assert_eq!(info.redirect_uris, ["http://localhost"]);
+        assert!(!format!("{c:?}").contains(JSON_SECRET));
+    }
+
+    #[test]
+    fn explicit_keys_override_client_secret_json() {
+        let d = tempfile::tempdir().unwrap();
+        let f = client_file(d.path(), "client.json", &installed_json());
+        let c = parse(&with_json(
+            &f,
+            "client_id = \"own-id\"\nclient_secret = \"own-secret\"\ntoken_url = \"http://127.0.0.1:9/token\"\nauth_url = \"http://127.0.0.1:9/auth\"\nscopes = [\"a\", \"b\"]\nredirect_uri = \"https://example.org/cb\"\n",
+        ))
+        .unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.client_id, "own-id");
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(a.client_secret.as_ref().unwrap()),
+            "own-secret"
+        );
+        assert_eq!(a.token_url, "http://127.0.0.1:9/token");
+        assert_eq!(a.auth_url.as_deref(), Some("http://127.0.0.1:9/auth"));
+        assert_eq!(a.scopes, ["a", "b"]);
+        assert_eq!(a.redirect_uri.as_deref(), Some("https://example.org/cb"));
+    }
+
+    #[test]
+    fn client_secret_json_web_uses_registered_redirect() {
+        let d = tempfile::tempdir().unwrap();
+        let web = installed_json()
+            .replace("\"installed\"", "\"web\"")
+            .replace(
+                "[\"http://localhost\"]",
+                "[\"https://example.org/callback\"]",
+            );
+        let f = client_file(d.path(), "web.json", &web);
+        let c = parse(&with_json(&f, "")).unwrap();
+        assert_eq!(
+            c.accounts[0].redirect_uri.as_deref(),
+            Some("https://example.org/callback")
+        );
+        assert_eq!(
+            c.accounts[0].client_file.as_ref().unwrap().kind,
+            ClientKind::Web
+        );
+        // Relative path, resolved against the config's directory.
+        let cfg = d.path().join("config.toml");
+        let c = Config::from_toml(&with_json(Path::new("web.json"), ""), &cfg).unwrap();
+        assert_eq!(
+            c.accounts[0].client_id,
+            "json-id.apps.googleusercontent.com"
+        );
+    }
+
+    #[test]
+    fn client_secret_json_errors_name_the_key() {
+        let d = tempfile::tempdir().unwrap();
+        let f = client_file(
+            d.path(),
+            "bad.json",
+            &format!(r#"{{"something":{{"client_secret":"{JSON_SECRET}"}}}}"#),
+        );
+        let e = err(&with_json(&f, ""));
+        assert!(
+            e.contains("account[0].client_secret_json")
+                && e.contains("neither an \"installed\" nor a \"web\""),
+            "{e}"
+        );
+        assert!(!e.contains(JSON_SECRET), "{e}");
+        let e = err(&with_json(&d.path().join("missing.json"), ""));
+        assert!(
+            e.contains("account[0].client_secret_json") && e.contains("missing.json"),
+            "{e}"
+        );
+        let f = client_file(
+            d.path(),
+            "http.json",
+            &installed_json().replace(
+                "https://oauth2.googleapis.com/token",
+                "http://example.com/token",
+            ),
+        );
+        let e = err(&with_json(&f, ""));
+        assert!(
+            e.contains("account[0].client_secret_json") && e.contains("https"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn client_id_message_mentions_client_secret_json() {
+        let e = err(&GOOD.replace("client_id = \"123.apps.googleusercontent.com\"", ""));
+        assert!(
+            e.contains("account[0].client_id") && e.contains("client_secret_json"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn authorize_keys() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.accounts[0].auth_url.as_deref(), Some(GMAIL_AUTH_URL));
+        assert_eq!(c.accounts[0].scopes, [GMAIL_SCOPE]);
+        let e = err(&format!("{GOOD}scopes = []\n"));
+        assert!(
+            e.contains("account[0].scopes") && e.contains("empty"),
+            "{e}"
+        );
+        let e = err(&format!("{GOOD}scopes = [\"a b\"]\n"));
+        assert!(e.contains("account[0].scopes[0]"), "{e}");
+        let e = err(&format!(
+            "{GOOD}redirect_uri = \"urn:ietf:wg:oauth:2.0:oob\"\n"
+        ));
+        assert!(e.contains("account[0].redirect_uri"), "{e}");
+        let e = err(&format!("{GOOD}auth_url = \"http://example.com/auth\"\n"));
+        assert!(
+            e.contains("account[0].auth_url") && e.contains("https"),
+            "{e}"
+        );
+        let custom = GOOD.replace("provider = \"gmail\"", "provider = \"custom\"")
+            + "smtp_host = \"smtp.example\"\ntoken_url = \"https://idp.example/token\"\n";
+        let c = parse(&custom).unwrap();
+        assert_eq!(c.accounts[0].auth_url, None);
+        assert!(c.accounts[0].scopes.is_empty());
     }
 
     #[test]

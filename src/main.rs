@@ -114,6 +114,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
         }
         Command::Sandbox(args) => demo::run_sandbox(args).await?,
+        Command::Authorize {
+            account,
+            no_browser,
+            port,
+        } => {
+            let config = Config::load(&cli.config)?;
+            oauth::authorize::run(
+                &config,
+                account.as_deref(),
+                oauth::authorize::AuthorizeOptions::new(no_browser, port),
+            )
+            .await?;
+        }
         Command::Queue { json, command } => {
             let config = Config::load(&cli.config)?;
             let Some(spool) = &config.spool else {

@@ -1,7 +1,11 @@
 //! OAuth 2.0 tokens: the token file (`store`), exchanging a refresh token for an access
 //! token (`refresh`), the refresh-ahead `manager` task, the `token status` report
 //! (`status`), and the lock-free `handle` senders read the current access token from.
+//! `authorize` gets the first refresh token (authorization code + PKCE), reading Google's
+//! downloaded client file through `client_json`.
 
+pub mod authorize;
+pub mod client_json;
 pub mod handle;
 pub mod manager;
 pub mod refresh;

@@ -18,9 +18,11 @@
 //! ```
 //!
 //! Files: `ca.rs` (generated CA and server certificate), `smtp.rs` (fake Gmail),
-//! `token.rs` (fake token endpoint); this file holds the options, the shared state and the
+//! `token.rs` (fake token endpoint), `authorize.rs` (fake authorization endpoint and the
+//! code + PKCE exchange, for `authorize`); this file holds the options, the shared state and the
 //! control handle.
 
+mod authorize;
 mod ca;
 mod smtp;
 mod token;
@@ -93,6 +95,8 @@ pub struct Sandbox {
     pub smtp_addr: SocketAddr,
     /// `http://127.0.0.1:PORT/token`
     pub token_url: String,
+    /// `http://127.0.0.1:PORT/auth`, the fake authorization endpoint (see `authorize.rs`).
+    pub auth_url: String,
     /// PEM of the generated CA that signed the SMTP server certificate.
     pub ca_pem: String,
     /// `localhost`; the certificate's SANs are `localhost`, `127.0.0.1` and `::1`.
@@ -163,6 +167,7 @@ impl Sandbox {
             next_connection_id: AtomicU64::new(0),
             smtp_stats: SmtpCounters::default(),
             token_stats: TokenCounters::default(),
+            authz: Mutex::default(),
         });
 
         let tls = ca::server_config(&certs)?;
@@ -173,6 +178,7 @@ impl Sandbox {
         Ok(Sandbox {
             smtp_addr,
             token_url: format!("http://{token_addr}/token"),
+            auth_url: format!("http://{token_addr}/auth"),
             ca_pem: certs.ca_pem.clone(),
             tls_server_name: "localhost".to_string(),
             username: shared.username.clone(),
@@ -190,8 +196,8 @@ impl Sandbox {
     }
 
     /// The OAuth client as Google's console downloads it (`client_secret_*.json`, the
-    /// `installed` shape), pointing at the sandbox token endpoint. The `auth_uri` is not
-    /// served (there is no consent screen); use [`SandboxControl::issue_refresh_token`].
+    /// `installed` shape), pointing at the sandbox's authorization and token endpoints
+    /// (the consent is given at once, see `authorize.rs`).
     pub fn client_secret_json(&self) -> String {
         let base = self.token_url.trim_end_matches("/token");
         let json = serde_json::json!({
@@ -461,6 +467,8 @@ pub(crate) struct Shared {
     pub(crate) next_connection_id: AtomicU64,
     pub(crate) smtp_stats: SmtpCounters,
     pub(crate) token_stats: TokenCounters,
+    /// The fake authorization server (`authorize.rs`).
+    pub(crate) authz: Mutex<authorize::AuthzState>,
 }
 
 impl Shared {

@@ -26,6 +26,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let cancel = shared.cancel.clone();
     let app = Router::new()
         .route("/token", post(token))
+        .route("/auth", axum::routing::get(super::authorize::auth))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
@@ -36,7 +37,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// A JSON reply the way Google formats it (pretty, two-space indent, no-store).
-fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+pub(super) fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
     let text = serde_json::to_string_pretty(&body).unwrap_or_default();
     let mut resp = (status, text).into_response();
     let h = resp.headers_mut();
@@ -52,7 +53,7 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
     resp
 }
 
-fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+pub(super) fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     json_response(
         status,
         json!({ "error": error, "error_description": description }),
@@ -150,22 +151,8 @@ async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byte
             };
             refresh_grant(&shared, refresh)
         }
-        // Room for the `authorize` flow later; until then no code is ever valid.
-        Some("authorization_code") => {
-            if form.get("code").is_none_or(|c| c.is_empty()) {
-                return oauth_error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "Missing required parameter: code",
-                );
-            }
-            stats.invalid_grant.fetch_add(1, Ordering::Relaxed);
-            oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_grant",
-                "Malformed auth code.",
-            )
-        }
+        // `authorize.rs`: the authorization code + PKCE exchange.
+        Some("authorization_code") => super::authorize::code_grant(&shared, &form),
         other => oauth_error(
             StatusCode::BAD_REQUEST,
             "unsupported_grant_type",
