@@ -705,6 +705,14 @@ token_file = "/var/lib/smtp-oauth-relay/gmail.json"
     }
 
     #[test]
+    fn shipped_example_uses_only_known_keys() {
+        // Its file paths do not exist here, so only the schema is checked.
+        let raw: Result<RawConfig, _> =
+            toml::from_str(include_str!("../config/config.example.toml"));
+        assert!(raw.is_ok(), "{}", raw.unwrap_err());
+    }
+
+    #[test]
     fn gmail_defaults() {
         let c = parse(GOOD).unwrap();
         let a = &c.accounts[0];
