@@ -44,7 +44,7 @@ delivered() { grep -o 'messages=[0-9]*' "$WORK/sandbox.log" | tail -1 | cut -d= 
 # Waits until the sandbox has counted $1 messages; prints the seconds since $2 (epoch ns).
 wait_for() {
   local want=$1 start=$2
-  for _ in $(seq 1200); do
+  for _ in $(seq 6000); do
     [ "$(delivered)" -ge "$want" ] 2>/dev/null && break
     sleep 0.1
   done
