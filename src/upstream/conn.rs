@@ -659,13 +659,22 @@ impl Connection {
         // The body: dot-stuffed, in large writes; errors once the final dot may have left
         // are indeterminate (never resent).
         let final_reply = self.write_body(data).await.map_err(TxError::fatal)?;
-        if final_reply.code == 421 {
+        self.conclude(recipients, &final_reply)
+    }
+
+    /// The report for the reply to the end of the message (final dot or BDAT LAST).
+    fn conclude(
+        &mut self,
+        recipients: Vec<RecipientOutcome>,
+        last: &Response<String>,
+    ) -> Result<SendReport, TxError> {
+        if last.code == 421 {
             // Not delivered, and the server is going away. Reported as an error so our
             // client does not get a 421 (which would tell it *we* are closing).
             self.broken = true;
-            return Err(TxError::fatal(self.closing(Stage::Body, &final_reply)));
+            return Err(TxError::fatal(self.closing(Stage::Body, last)));
         }
-        let reply = Reply::from_response(&final_reply);
+        let reply = Reply::from_response(last);
         if reply.is_positive() {
             self.messages += 1;
         } else {
@@ -782,16 +791,7 @@ impl Connection {
                 data: None,
             });
         }
-        let reply = Reply::from_response(&last);
-        if reply.is_positive() {
-            self.messages += 1;
-        } else {
-            self.needs_rset = true;
-        }
-        Ok(SendReport {
-            recipients,
-            data: Some(reply),
-        })
+        self.conclude(recipients, &last)
     }
 
     /// A BDAT batch's connection died before its last reply. A reset (RST) means the
