@@ -48,6 +48,9 @@ use crate::config::{AccountConfig, Config, ConfigError, Provider};
 /// How long `authorize` waits for the redirect or a pasted URL.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
+/// Scopes a provider may grant without listing them in the token response's `scope`.
+pub(crate) const NOT_ECHOED_SCOPES: [&str; 4] = ["offline_access", "openid", "profile", "email"];
+
 /// How long one request to the token endpoint may take.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -547,7 +550,9 @@ impl Flow {
             let missing: Vec<&str> = req
                 .scopes
                 .iter()
-                .filter(|s| !granted.contains(s))
+                // Microsoft does not list `offline_access` among the granted scopes; a
+                // refresh token coming back is what shows it was granted.
+                .filter(|s| !granted.contains(s) && !NOT_ECHOED_SCOPES.contains(&s.as_str()))
                 .map(String::as_str)
                 .collect();
             if !missing.is_empty() {
