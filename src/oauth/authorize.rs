@@ -106,8 +106,19 @@ pub enum AuthorizeError {
     Io(#[from] std::io::Error),
 }
 
+/// The HTTP client for the token (and device authorization) endpoint.
+pub(crate) fn http_client() -> Result<reqwest::Client, AuthorizeError> {
+    reqwest::Client::builder()
+        // oauth2 5: following redirects would expose the credentials to SSRF.
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(EXCHANGE_TIMEOUT)
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| AuthorizeError::HttpClient(one_line(&e.to_string(), 200)))
+}
+
 /// "10 minutes", "1 minute", "30 seconds", "300 ms".
-fn minutes(d: Duration) -> String {
+pub(crate) fn minutes(d: Duration) -> String {
     match d.as_secs() {
         0 => format!("{} ms", d.as_millis()),
         s if s < 60 => format!("{s} seconds"),
@@ -389,13 +400,7 @@ impl Flow {
         if let Some(secret) = &req.client_secret {
             client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()));
         }
-        let http = reqwest::Client::builder()
-            // oauth2 5: following redirects would expose the credentials to SSRF.
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(EXCHANGE_TIMEOUT)
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| AuthorizeError::HttpClient(one_line(&e.to_string(), 200)))?;
+        let http = http_client()?;
 
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let mut request = client
@@ -651,7 +656,7 @@ fn exchange_error(
     AuthorizeError::Exchange(msg)
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {
@@ -967,7 +972,7 @@ pub struct Authorized {
 
 /// The token file's directory, created (0700) if missing, and checked to be writable
 /// before anyone signs in.
-fn prepare_token_dir(token_file: &Path) -> Result<(PathBuf, bool), AuthorizeError> {
+pub(crate) fn prepare_token_dir(token_file: &Path) -> Result<(PathBuf, bool), AuthorizeError> {
     let dir = match token_file.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -1194,7 +1199,7 @@ where
 
 /// A warning when the token file's owner differs from its directory's owner (e.g. run
 /// as root for a relay running as its own user).
-fn owner_hint(file: &Path, dir: &Path) -> Option<String> {
+pub(crate) fn owner_hint(file: &Path, dir: &Path) -> Option<String> {
     let f = std::fs::metadata(file).ok()?;
     let d = std::fs::metadata(dir).ok()?;
     (f.uid() != d.uid()).then(|| {
