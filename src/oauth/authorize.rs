@@ -593,7 +593,7 @@ fn no_refresh_token_message(req: &AuthRequest) -> String {
             req.client_id
         )
     } else {
-        "the consent was not asked with offline access: provider \"custom\" does not send Google's access_type=offline/prompt=consent, so add the provider's offline scope to `scopes` (e.g. \"offline_access\") and run `authorize` again".to_owned()
+        "the consent was not asked with offline access: outside Google, a refresh token comes only for the provider's offline scope, so make sure `scopes` includes it (Microsoft and most others: \"offline_access\") and run `authorize` again".to_owned()
     };
     format!(
         "the provider granted access but returned no refresh token, so the relay could not renew it and nothing was saved: {why}"

@@ -307,3 +307,52 @@ pub async fn run_device(
         .await
         .map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn account(extra: &str) -> AccountConfig {
+        let cfg = Config::from_toml(
+            &format!("[[account]]\nname = \"c\"\nusername = \"a@b.c\"\nclient_id = \"x\"\ntoken_file = \"/tmp/t.json\"\n{extra}"),
+            Path::new("/etc/r.toml"),
+        )
+        .unwrap();
+        cfg.accounts[0].clone()
+    }
+
+    #[test]
+    fn device_url_per_provider() {
+        let custom = account(
+            "provider = \"custom\"\nsmtp_host = \"smtp.example\"\ntoken_url = \"https://idp.example/token\"\n",
+        );
+        let e = device_url(&custom).unwrap_err().to_string();
+        assert!(
+            e.contains("`device_auth_url`") && e.contains("custom"),
+            "{e}"
+        );
+        let ms = account("provider = \"microsoft\"\ntenant = \"contoso.com\"\n");
+        assert_eq!(
+            device_url(&ms).unwrap(),
+            "https://login.microsoftonline.com/contoso.com/oauth2/v2.0/devicecode"
+        );
+        let gmail = account("client_secret = \"s\"\n");
+        let e = device_url(&gmail).unwrap_err().to_string();
+        assert!(
+            e.contains("mail.google.com") && e.contains("--no-browser"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn aadsts_codes_get_their_fix() {
+        assert!(aad_hint("AADSTS7000218: The request body must contain the following parameter: 'client_assertion' or 'client_secret'.")
+            .contains("Allow public client flows"));
+        assert!(aad_hint(
+            "AADSTS50194: Application is not configured as a multi-tenant application."
+        )
+        .contains("Directory (tenant) ID"));
+        assert_eq!(aad_hint("something else"), "");
+    }
+}
