@@ -469,6 +469,7 @@ impl Flow {
         };
         let user = self.req.username.as_deref().unwrap_or("the account");
         let fix = match error.as_str() {
+            "access_denied" if !self.req.google_offline => "access was not granted. Run `authorize` again and accept the permissions asked for; if the sign-in page said an administrator must approve the app, ask them to grant consent for it (for Microsoft 365: Entra admin center → App registrations → the app → API permissions → Grant admin consent)".to_owned(),
             "access_denied" => format!(
                 "access was not granted. Run `authorize` again and click Allow (with every box ticked). If the sign-in page said the app is blocked or unverified: an External app in Testing admits only its test users (Google Cloud console → OAuth consent screen → Test users → add {user}); a Google Workspace admin may have to trust the client (Admin console → Security → API controls → Manage third-party app access → client ID {})",
                 self.req.client_id
@@ -1339,6 +1340,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("Admin console"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn access_denied_outside_google_does_not_talk_about_google() {
+        let mut req = request("http://127.0.0.1:9/token".into());
+        req.google_offline = false;
+        req.redirect_uri = Some("https://example.org/cb".into());
+        let (flow, _) = Flow::start(&req, 0).await.unwrap();
+        let state = params(flow.auth_url())["state"].clone();
+        let e = flow
+            .check_redirect(&[
+                ("state".to_owned(), state),
+                ("error".to_owned(), "access_denied".to_owned()),
+            ])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("admin consent") && !e.contains("Test users"),
+            "{e}"
+        );
     }
 
     #[test]

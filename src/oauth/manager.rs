@@ -143,7 +143,8 @@ impl ManagerSettings {
         let account = self.account();
         let s = match err {
             RefreshError::InvalidGrant { .. } => format!(
-                "OAuth refresh token for {account} expired or revoked (invalid_grant); run `smtp-oauth-relay authorize`"
+                "OAuth refresh token for {account} expired or revoked (invalid_grant); run `smtp-oauth-relay authorize{}`",
+                if self.provider_hint == ProviderHint::Microsoft { " --device" } else { "" }
             ),
             RefreshError::InvalidClient { .. } => format!(
                 "OAuth client for {account} rejected by the token endpoint (invalid_client); check client_id/client_secret"
