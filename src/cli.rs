@@ -66,7 +66,7 @@ pub enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
-    /// Sign in once (authorization code + PKCE) and write the account's token file.
+    /// Sign in once (authorization code + PKCE, or --device) and write the account's token file.
     /// Listens on http://127.0.0.1:PORT/ for the browser's redirect; on a server without
     /// a browser, open the printed URL anywhere and paste back the URL it ends on.
     Authorize {
@@ -81,6 +81,10 @@ pub enum Command {
         /// over SSH (`ssh -L N:127.0.0.1:N server`) and let the redirect arrive by itself.
         #[arg(long, value_name = "N")]
         port: Option<u16>,
+        /// Use the device code flow (RFC 8628; Microsoft 365's natural choice): print a
+        /// URL and a code to enter on any device, no redirect, nothing to paste.
+        #[arg(long, conflicts_with_all = ["no_browser", "port"])]
+        device: bool,
     },
 }
 
@@ -169,9 +173,10 @@ mod tests {
                 account,
                 no_browser,
                 port,
+                device,
             } => {
                 assert_eq!(account.as_deref(), Some("gmail"));
-                assert!(no_browser);
+                assert!(no_browser && !device);
                 assert_eq!(port, Some(8765));
             }
             other => panic!("{other:?}"),
@@ -182,9 +187,19 @@ mod tests {
             Command::Authorize {
                 account: None,
                 no_browser: false,
-                port: None
+                port: None,
+                device: false,
             }
         ));
         assert!(Cli::try_parse_from(["smtp-oauth-relay", "authorize", "--port", "x"]).is_err());
+        let cli = Cli::try_parse_from(["smtp-oauth-relay", "authorize", "--device"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Authorize { device: true, .. }
+        ));
+        assert!(
+            Cli::try_parse_from(["smtp-oauth-relay", "authorize", "--device", "--no-browser"])
+                .is_err()
+        );
     }
 }

@@ -21,6 +21,25 @@ pub const GMAIL_AUTH_URL: &str = "https://accounts.google.com/o/oauth2/auth";
 /// The scope Gmail's SMTP needs for XOAUTH2.
 pub const GMAIL_SCOPE: &str = "https://mail.google.com/";
 
+/// Microsoft 365's SMTP AUTH submission host.
+pub const MICROSOFT_SMTP_HOST: &str = "smtp.office365.com";
+
+/// Scopes Microsoft 365's SMTP AUTH needs: `SMTP.Send` (delegated) and `offline_access`
+/// (without it no refresh token comes back).
+pub const MICROSOFT_SCOPES: [&str; 2] = ["https://outlook.office.com/SMTP.Send", "offline_access"];
+
+/// The default `tenant` for provider "microsoft": any work or school (Entra ID) account.
+pub const MICROSOFT_DEFAULT_TENANT: &str = "organizations";
+
+/// Microsoft rejects access tokens close to expiry: refresh at least this far ahead.
+pub const MICROSOFT_MIN_REFRESH_MARGIN: Duration = Duration::from_secs(600);
+
+/// `https://login.microsoftonline.com/{tenant}/oauth2/v2.0/{endpoint}` (`token`,
+/// `authorize`, `devicecode`).
+pub fn microsoft_url(tenant: &str, endpoint: &str) -> String {
+    format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/{endpoint}")
+}
+
 /// Gmail's advertised SIZE limit, also our default.
 pub const GMAIL_MAX_MESSAGE_SIZE: usize = 35_882_577;
 
@@ -95,6 +114,11 @@ pub struct RawAccount {
     pub client_secret_json: Option<PathBuf>,
     /// Authorization endpoint used by `authorize`.
     pub auth_url: Option<String>,
+    /// Device authorization endpoint (RFC 8628) used by `authorize --device`.
+    pub device_auth_url: Option<String>,
+    /// Provider "microsoft": the Entra ID tenant (directory ID, a verified domain, or
+    /// "organizations"; default "organizations").
+    pub tenant: Option<String>,
     /// Scopes requested by `authorize`.
     pub scopes: Option<Vec<String>>,
     /// Redirect URI registered for the client (a "Web application" client); `authorize`
@@ -117,6 +141,8 @@ pub struct RawAccount {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Provider {
     Gmail,
+    /// Microsoft 365 (Exchange Online), `smtp.office365.com`.
+    Microsoft,
     Custom,
 }
 
@@ -124,6 +150,7 @@ impl Provider {
     fn parse(s: &str) -> Option<Provider> {
         match s {
             "gmail" | "google" => Some(Provider::Gmail),
+            "microsoft" | "office365" | "outlook" => Some(Provider::Microsoft),
             "custom" => Some(Provider::Custom),
             _ => None,
         }
@@ -132,6 +159,7 @@ impl Provider {
     pub fn name(self) -> &'static str {
         match self {
             Provider::Gmail => "gmail",
+            Provider::Microsoft => "microsoft",
             Provider::Custom => "custom",
         }
     }
@@ -197,6 +225,9 @@ pub struct AccountConfig {
     /// Authorization endpoint for `authorize`; `None` only for provider "custom" without
     /// `auth_url` (the relay itself never needs it).
     pub auth_url: Option<String>,
+    /// Device authorization endpoint for `authorize --device`; `None` when the provider
+    /// has none (Gmail: Google's device flow does not allow the Gmail scope).
+    pub device_auth_url: Option<String>,
     /// Scopes `authorize` asks for (Gmail: `https://mail.google.com/`).
     pub scopes: Vec<String>,
     /// The redirect URI `authorize` uses: `redirect_uri`, else the first registered one of
@@ -219,6 +250,7 @@ impl AccountConfig {
     pub fn provider_hint(&self) -> crate::oauth::ProviderHint {
         match self.provider {
             Provider::Gmail => crate::oauth::ProviderHint::Gmail,
+            Provider::Microsoft => crate::oauth::ProviderHint::Microsoft,
             Provider::Custom => crate::oauth::ProviderHint::Custom,
         }
     }
@@ -467,9 +499,34 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
         Some(p) => Provider::parse(p).ok_or_else(|| {
             c.err(
                 key("provider"),
-                format!("unknown provider {p:?}; expected \"gmail\" or \"custom\""),
+                format!("unknown provider {p:?}; expected \"gmail\", \"microsoft\" or \"custom\""),
             )
         })?,
+    };
+    let tenant = match (&a.tenant, provider) {
+        (Some(t), Provider::Microsoft) => {
+            if t.is_empty()
+                || !t
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-.".contains(ch))
+            {
+                return Err(c.err(
+                    key("tenant"),
+                    format!("{t:?} is not a tenant: give the directory (tenant) ID from the app registration's Overview page, a verified domain such as \"example.com\", or \"organizations\""),
+                ));
+            }
+            t.clone()
+        }
+        (Some(_), p) => {
+            return Err(c.err(
+                key("tenant"),
+                format!(
+                    "only applies to provider \"microsoft\" (this account's provider is {:?})",
+                    p.name()
+                ),
+            ))
+        }
+        (None, _) => MICROSOFT_DEFAULT_TENANT.to_owned(),
     };
     let required = |v: Option<String>, k: &str, hint: &str| -> Result<String, ConfigError> {
         match v {
@@ -502,6 +559,11 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
         Some(id) if !id.trim().is_empty() => id,
         _ => match json {
             Some(j) => j.client_id.clone(),
+            None if provider == Provider::Microsoft => required(
+                None,
+                "client_id",
+                "the Application (client) ID of the app registration (Microsoft Entra admin center → App registrations → Overview)",
+            )?,
             None => required(
                 None,
                 "client_id",
@@ -556,6 +618,10 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
             Some("smtp.gmail.com".to_owned()),
             Some("https://oauth2.googleapis.com/token".to_owned()),
         ),
+        Provider::Microsoft => (
+            Some(MICROSOFT_SMTP_HOST.to_owned()),
+            Some(microsoft_url(&tenant, "token")),
+        ),
         Provider::Custom => (None, None),
     };
     let smtp_host = a
@@ -586,9 +652,19 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
     let auth_url = a
         .auth_url
         .or_else(|| json.and_then(|j| j.auth_uri.clone()))
-        .or_else(|| (provider == Provider::Gmail).then(|| GMAIL_AUTH_URL.to_owned()));
+        .or_else(|| match provider {
+            Provider::Gmail => Some(GMAIL_AUTH_URL.to_owned()),
+            Provider::Microsoft => Some(microsoft_url(&tenant, "authorize")),
+            Provider::Custom => None,
+        });
     if let Some(u) = &auth_url {
         check_token_url(u).map_err(|p| c.err(auth_url_key, p))?;
+    }
+    let device_auth_url = a.device_auth_url.or_else(|| {
+        (provider == Provider::Microsoft).then(|| microsoft_url(&tenant, "devicecode"))
+    });
+    if let Some(u) = &device_auth_url {
+        check_token_url(u).map_err(|p| c.err(key("device_auth_url"), p))?;
     }
     let scopes = match a.scopes {
         Some(list) => {
@@ -609,6 +685,9 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
             list
         }
         None if provider == Provider::Gmail => vec![GMAIL_SCOPE.to_owned()],
+        None if provider == Provider::Microsoft => {
+            MICROSOFT_SCOPES.iter().map(|s| s.to_string()).collect()
+        }
         None => Vec::new(),
     };
     if let Some(r) = &a.redirect_uri {
@@ -629,7 +708,22 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
             return Err(c.err(key("ca_file"), format!("cannot read {}: {e}", f.display())));
         }
     }
-    let refresh_margin = Duration::from_secs(a.refresh_margin_secs.unwrap_or(300));
+    // Microsoft refuses access tokens close to expiry: a smaller margin is refused
+    // rather than silently raised, so the file says what the relay does.
+    let refresh_margin = match (a.refresh_margin_secs, provider) {
+        (Some(m), Provider::Microsoft) if m < MICROSOFT_MIN_REFRESH_MARGIN.as_secs() => {
+            return Err(c.err(
+                key("refresh_margin_secs"),
+                format!(
+                    "{m} is too small for provider \"microsoft\": Microsoft 365 rejects access tokens close to expiry, so refresh at least {} seconds ahead (remove the key for that default)",
+                    MICROSOFT_MIN_REFRESH_MARGIN.as_secs()
+                ),
+            ))
+        }
+        (Some(m), _) => Duration::from_secs(m),
+        (None, Provider::Microsoft) => MICROSOFT_MIN_REFRESH_MARGIN,
+        (None, _) => Duration::from_secs(300),
+    };
     let pool_size = a.pool_size.unwrap_or(4);
     if pool_size > 64 {
         return Err(c.err(
@@ -658,6 +752,7 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
         max_idle: Duration::from_secs(a.max_idle_secs.unwrap_or(240)),
         max_messages_per_connection,
         auth_url,
+        device_auth_url,
         scopes,
         redirect_uri,
         client_file,
@@ -1000,6 +1095,99 @@ token_file = "/var/lib/smtp-oauth-relay/gmail.json"
         ))
         .unwrap();
         assert_eq!(c.spool.unwrap().min_retry, Duration::from_millis(500));
+    }
+
+    const MICROSOFT: &str = r#"
+[[account]]
+name = "m365"
+provider = "microsoft"
+username = "me@contoso.com"
+client_id = "11111111-2222-3333-4444-555555555555"
+token_file = "/var/lib/smtp-oauth-relay/m365.json"
+"#;
+
+    #[test]
+    fn microsoft_defaults() {
+        let c = parse(MICROSOFT).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.provider, Provider::Microsoft);
+        assert_eq!(
+            (a.smtp_host.as_str(), a.smtp_port),
+            ("smtp.office365.com", 587)
+        );
+        assert_eq!(a.tls_server_name, "smtp.office365.com");
+        assert_eq!(
+            a.token_url,
+            "https://login.microsoftonline.com/organizations/oauth2/v2.0/token"
+        );
+        assert_eq!(
+            a.auth_url.as_deref(),
+            Some("https://login.microsoftonline.com/organizations/oauth2/v2.0/authorize")
+        );
+        assert_eq!(
+            a.device_auth_url.as_deref(),
+            Some("https://login.microsoftonline.com/organizations/oauth2/v2.0/devicecode")
+        );
+        assert_eq!(
+            a.scopes,
+            ["https://outlook.office.com/SMTP.Send", "offline_access"]
+        );
+        assert_eq!(a.refresh_margin, Duration::from_secs(600));
+        assert!(a.client_secret.is_none(), "public client: no secret needed");
+        assert_eq!(a.provider_hint(), crate::oauth::ProviderHint::Microsoft);
+
+        let c = parse(&format!(
+            "{MICROSOFT}tenant = \"aaaabbbb-0000-cccc-1111-dddd2222eeee\"\nclient_secret = \"s\"\nrefresh_margin_secs = 900\n"
+        ))
+        .unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(
+            a.token_url,
+            "https://login.microsoftonline.com/aaaabbbb-0000-cccc-1111-dddd2222eeee/oauth2/v2.0/token"
+        );
+        assert!(a
+            .device_auth_url
+            .as_deref()
+            .unwrap()
+            .contains("aaaabbbb-0000"));
+        assert_eq!(a.refresh_margin, Duration::from_secs(900));
+        let c = parse(&format!(
+            "{MICROSOFT}device_auth_url = \"http://127.0.0.1:9/devicecode\"\ntoken_url = \"http://127.0.0.1:9/token\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.accounts[0].device_auth_url.as_deref(),
+            Some("http://127.0.0.1:9/devicecode")
+        );
+        // Gmail has no device endpoint (Google's device flow refuses the Gmail scope).
+        assert_eq!(parse(GOOD).unwrap().accounts[0].device_auth_url, None);
+    }
+
+    #[test]
+    fn microsoft_validation() {
+        let e = err(&format!("{MICROSOFT}refresh_margin_secs = 300\n"));
+        assert!(
+            e.contains("account[0].refresh_margin_secs") && e.contains("600"),
+            "{e}"
+        );
+        let e = err(&format!("{MICROSOFT}tenant = \"con toso\"\n"));
+        assert!(e.contains("account[0].tenant"), "{e}");
+        let e = err(&format!("{GOOD}tenant = \"contoso.com\"\n"));
+        assert!(
+            e.contains("account[0].tenant") && e.contains("microsoft"),
+            "{e}"
+        );
+        let e = err(&MICROSOFT.replace("client_id = \"11111111-2222-3333-4444-555555555555\"", ""));
+        assert!(
+            e.contains("account[0].client_id") && e.contains("App registrations"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{MICROSOFT}device_auth_url = \"http://example.com/dc\"\n"
+        ));
+        assert!(e.contains("account[0].device_auth_url"), "{e}");
+        let e = err(&MICROSOFT.replace("\"microsoft\"", "\"yahoo\""));
+        assert!(e.contains("\"microsoft\""), "{e}");
     }
 
     #[test]

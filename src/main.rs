@@ -116,8 +116,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sandbox(args) => demo::run_sandbox(args).await?,
         Command::Authorize {
             account,
+            device: true,
+            ..
+        } => {
+            let config = Config::load(&cli.config)?;
+            oauth::device::run_device(
+                &config,
+                account.as_deref(),
+                oauth::device::DeviceOptions::default(),
+            )
+            .await?;
+        }
+        Command::Authorize {
+            account,
             no_browser,
             port,
+            device: false,
         } => {
             let config = Config::load(&cli.config)?;
             oauth::authorize::run(

@@ -323,6 +323,37 @@ async fn short_lived_tokens_refresh_ahead_with_zero_auth_failures() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microsoft_account_delivers_and_persists_rotated_tokens() {
+    // Provider "microsoft" (its defaults overridden by the sandbox's endpoints): rotating
+    // refresh tokens, refreshed at least 600 s ahead.
+    let h = Harness::start(Setup {
+        provider: "microsoft",
+        rotate_refresh_tokens: true,
+        refresh_margin_secs: 600,
+        ..Setup::default()
+    })
+    .await;
+    h.token_ready().await;
+    let mut c = Client::ehlo(h.addr).await;
+    let data = message("m365-1", "via Microsoft 365\r\n");
+    let r = c
+        .send_mail("app@example.com", &["you@example.com"], &data)
+        .await;
+    assert_eq!(r.code, 250, "{r}");
+    let msgs = h
+        .control()
+        .wait_for_messages(1, Duration::from_secs(10))
+        .await;
+    assert_eq!(msgs.len(), 1);
+    let rotated = h.control().current_refresh_token();
+    assert_ne!(rotated, h.sandbox.refresh_token);
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&h.token_file).unwrap()).unwrap();
+    assert_eq!(file["refresh_token"], rotated.as_str());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_refresh_token_is_persisted() {
     let h = Harness::start(Setup {
         rotate_refresh_tokens: true,

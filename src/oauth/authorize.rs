@@ -48,6 +48,9 @@ use crate::config::{AccountConfig, Config, ConfigError, Provider};
 /// How long `authorize` waits for the redirect or a pasted URL.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
+/// Scopes a provider may grant without listing them in the token response's `scope`.
+pub(crate) const NOT_ECHOED_SCOPES: [&str; 4] = ["offline_access", "openid", "profile", "email"];
+
 /// How long one request to the token endpoint may take.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -103,8 +106,19 @@ pub enum AuthorizeError {
     Io(#[from] std::io::Error),
 }
 
+/// The HTTP client for the token (and device authorization) endpoint.
+pub(crate) fn http_client() -> Result<reqwest::Client, AuthorizeError> {
+    reqwest::Client::builder()
+        // oauth2 5: following redirects would expose the credentials to SSRF.
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(EXCHANGE_TIMEOUT)
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| AuthorizeError::HttpClient(one_line(&e.to_string(), 200)))
+}
+
 /// "10 minutes", "1 minute", "30 seconds", "300 ms".
-fn minutes(d: Duration) -> String {
+pub(crate) fn minutes(d: Duration) -> String {
     match d.as_secs() {
         0 => format!("{} ms", d.as_millis()),
         s if s < 60 => format!("{s} seconds"),
@@ -386,13 +400,7 @@ impl Flow {
         if let Some(secret) = &req.client_secret {
             client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()));
         }
-        let http = reqwest::Client::builder()
-            // oauth2 5: following redirects would expose the credentials to SSRF.
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(EXCHANGE_TIMEOUT)
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| AuthorizeError::HttpClient(one_line(&e.to_string(), 200)))?;
+        let http = http_client()?;
 
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let mut request = client
@@ -461,6 +469,7 @@ impl Flow {
         };
         let user = self.req.username.as_deref().unwrap_or("the account");
         let fix = match error.as_str() {
+            "access_denied" if !self.req.google_offline => "access was not granted. Run `authorize` again and accept the permissions asked for; if the sign-in page said an administrator must approve the app, ask them to grant consent for it (for Microsoft 365: Entra admin center → App registrations → the app → API permissions → Grant admin consent)".to_owned(),
             "access_denied" => format!(
                 "access was not granted. Run `authorize` again and click Allow (with every box ticked). If the sign-in page said the app is blocked or unverified: an External app in Testing admits only its test users (Google Cloud console → OAuth consent screen → Test users → add {user}); a Google Workspace admin may have to trust the client (Admin console → Security → API controls → Manage third-party app access → client ID {})",
                 self.req.client_id
@@ -547,7 +556,9 @@ impl Flow {
             let missing: Vec<&str> = req
                 .scopes
                 .iter()
-                .filter(|s| !granted.contains(s))
+                // Microsoft does not list `offline_access` among the granted scopes; a
+                // refresh token coming back is what shows it was granted.
+                .filter(|s| !granted.contains(s) && !NOT_ECHOED_SCOPES.contains(&s.as_str()))
                 .map(String::as_str)
                 .collect();
             if !missing.is_empty() {
@@ -583,7 +594,7 @@ fn no_refresh_token_message(req: &AuthRequest) -> String {
             req.client_id
         )
     } else {
-        "the consent was not asked with offline access: provider \"custom\" does not send Google's access_type=offline/prompt=consent, so add the provider's offline scope to `scopes` (e.g. \"offline_access\") and run `authorize` again".to_owned()
+        "the consent was not asked with offline access: outside Google, a refresh token comes only for the provider's offline scope, so make sure `scopes` includes it (Microsoft and most others: \"offline_access\") and run `authorize` again".to_owned()
     };
     format!(
         "the provider granted access but returned no refresh token, so the relay could not renew it and nothing was saved: {why}"
@@ -646,7 +657,7 @@ fn exchange_error(
     AuthorizeError::Exchange(msg)
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {
@@ -962,7 +973,7 @@ pub struct Authorized {
 
 /// The token file's directory, created (0700) if missing, and checked to be writable
 /// before anyone signs in.
-fn prepare_token_dir(token_file: &Path) -> Result<(PathBuf, bool), AuthorizeError> {
+pub(crate) fn prepare_token_dir(token_file: &Path) -> Result<(PathBuf, bool), AuthorizeError> {
     let dir = match token_file.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -1189,7 +1200,7 @@ where
 
 /// A warning when the token file's owner differs from its directory's owner (e.g. run
 /// as root for a relay running as its own user).
-fn owner_hint(file: &Path, dir: &Path) -> Option<String> {
+pub(crate) fn owner_hint(file: &Path, dir: &Path) -> Option<String> {
     let f = std::fs::metadata(file).ok()?;
     let d = std::fs::metadata(dir).ok()?;
     (f.uid() != d.uid()).then(|| {
@@ -1329,6 +1340,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("Admin console"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn access_denied_outside_google_does_not_talk_about_google() {
+        let mut req = request("http://127.0.0.1:9/token".into());
+        req.google_offline = false;
+        req.redirect_uri = Some("https://example.org/cb".into());
+        let (flow, _) = Flow::start(&req, 0).await.unwrap();
+        let state = params(flow.auth_url())["state"].clone();
+        let e = flow
+            .check_redirect(&[
+                ("state".to_owned(), state),
+                ("error".to_owned(), "access_denied".to_owned()),
+            ])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("admin consent") && !e.contains("Test users"),
+            "{e}"
+        );
     }
 
     #[test]

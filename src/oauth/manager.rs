@@ -52,6 +52,8 @@ const MIN_REFRESH_GAP: Duration = Duration::from_secs(1);
 pub enum ProviderHint {
     #[default]
     Gmail,
+    /// Microsoft 365: AADSTS error codes, `authorize --device`.
+    Microsoft,
     Custom,
 }
 
@@ -99,10 +101,16 @@ impl ManagerSettings {
         let account = self.account();
         match err {
             RefreshError::InvalidGrant { description } => {
+                let command = match self.provider_hint {
+                    ProviderHint::Microsoft => format!("{} --device", self.authorize_command()),
+                    _ => self.authorize_command(),
+                };
                 let mut s = format!(
-                    "account {account}: refresh token expired or revoked (invalid_grant: {description}); run `{}` to get a new one (the running relay picks it up without a restart)",
-                    self.authorize_command()
+                    "account {account}: refresh token expired or revoked (invalid_grant: {description}); run `{command}` to get a new one (the running relay picks it up without a restart)"
                 );
+                if self.provider_hint == ProviderHint::Microsoft {
+                    s.push_str(&microsoft_invalid_grant_hint(description));
+                }
                 if self.provider_hint == ProviderHint::Gmail {
                     s.push_str(
                         "; Google expires refresh tokens after 7 days while the OAuth consent screen is External in Testing (publish the app or use an Internal one); they also stop working when access is revoked, the password changes, the token goes unused for 6 months, or too many newer tokens were issued",
@@ -135,7 +143,8 @@ impl ManagerSettings {
         let account = self.account();
         let s = match err {
             RefreshError::InvalidGrant { .. } => format!(
-                "OAuth refresh token for {account} expired or revoked (invalid_grant); run `smtp-oauth-relay authorize`"
+                "OAuth refresh token for {account} expired or revoked (invalid_grant); run `smtp-oauth-relay authorize{}`",
+                if self.provider_hint == ProviderHint::Microsoft { " --device" } else { "" }
             ),
             RefreshError::InvalidClient { .. } => format!(
                 "OAuth client for {account} rejected by the token endpoint (invalid_client); check client_id/client_secret"
@@ -143,6 +152,23 @@ impl ManagerSettings {
             other => format!("OAuth token refresh for {account} failed: {other}"),
         };
         one_line(&s, 400)
+    }
+}
+
+/// What Microsoft's AADSTS code in an `invalid_grant` description means (`; …`), or the
+/// usual causes when the description carries no code this knows.
+fn microsoft_invalid_grant_hint(description: &str) -> String {
+    let known: [(&str, &str); 6] = [
+        ("AADSTS700082", "the refresh token expired after 90 days without use"),
+        ("AADSTS50173", "the user's password was changed or reset, which revokes refresh tokens"),
+        ("AADSTS50076", "the tenant now requires multi-factor authentication; sign in again"),
+        ("AADSTS65001", "the user or an administrator has not consented to the SMTP.Send permission (or consent was withdrawn)"),
+        ("AADSTS50126", "the sign-in failed (wrong credentials)"),
+        ("AADSTS70043", "a Conditional Access sign-in frequency policy made the refresh token expire"),
+    ];
+    match known.iter().find(|(code, _)| description.contains(code)) {
+        Some((code, why)) => format!("; Microsoft says {code}: {why}"),
+        None => "; Microsoft refresh tokens die after 90 days unused, when the password is changed or reset, when an admin revokes the user's sessions, or under a Conditional Access sign-in frequency policy".to_owned(),
     }
 }
 
@@ -1153,6 +1179,32 @@ mod tests {
         assert!(s
             .remedy(&RefreshError::Transient { detail: "x".into() })
             .is_none());
+        s.provider_hint = ProviderHint::Microsoft;
+        let r = s
+            .remedy(&RefreshError::InvalidGrant {
+                description: "AADSTS700082: The refresh token has expired due to inactivity."
+                    .into(),
+            })
+            .unwrap();
+        assert!(
+            r.contains("authorize --account relay@example.com --device")
+                && r.contains("AADSTS700082: the refresh token expired after 90 days")
+                && !r.contains("Google"),
+            "{r}"
+        );
+        let r = s
+            .remedy(&RefreshError::InvalidGrant {
+                description: "AADSTS50173: The provided grant has expired due to it being revoked."
+                    .into(),
+            })
+            .unwrap();
+        assert!(r.contains("password was changed"), "{r}");
+        let r = s
+            .remedy(&RefreshError::InvalidGrant {
+                description: "something else".into(),
+            })
+            .unwrap();
+        assert!(r.contains("90 days unused"), "{r}");
         assert_eq!(
             ManagerSettings::new("a").refresh_margin,
             DEFAULT_REFRESH_MARGIN

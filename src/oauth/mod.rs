@@ -2,10 +2,11 @@
 //! token (`refresh`), the refresh-ahead `manager` task, the `token status` report
 //! (`status`), and the lock-free `handle` senders read the current access token from.
 //! `authorize` gets the first refresh token (authorization code + PKCE), reading Google's
-//! downloaded client file through `client_json`.
+//! downloaded client file through `client_json`; `device` is `authorize --device` (RFC 8628).
 
 pub mod authorize;
 pub mod client_json;
+pub mod device;
 pub mod handle;
 pub mod manager;
 pub mod refresh;

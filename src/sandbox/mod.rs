@@ -19,11 +19,13 @@
 //!
 //! Files: `ca.rs` (generated CA and server certificate), `smtp.rs` (fake Gmail),
 //! `token.rs` (fake token endpoint), `authorize.rs` (fake authorization endpoint and the
-//! code + PKCE exchange, for `authorize`); this file holds the options, the shared state and the
+//! code + PKCE exchange, for `authorize`), `device.rs` (fake device authorization endpoint,
+//! for `authorize --device`); this file holds the options, the shared state and the
 //! control handle.
 
 mod authorize;
 mod ca;
+mod device;
 mod smtp;
 mod token;
 
@@ -97,6 +99,9 @@ pub struct Sandbox {
     pub token_url: String,
     /// `http://127.0.0.1:PORT/auth`, the fake authorization endpoint (see `authorize.rs`).
     pub auth_url: String,
+    /// `http://127.0.0.1:PORT/devicecode`, the fake device authorization endpoint (see
+    /// `device.rs`).
+    pub device_auth_url: String,
     /// PEM of the generated CA that signed the SMTP server certificate.
     pub ca_pem: String,
     /// `localhost`; the certificate's SANs are `localhost`, `127.0.0.1` and `::1`.
@@ -168,6 +173,7 @@ impl Sandbox {
             smtp_stats: SmtpCounters::default(),
             token_stats: TokenCounters::default(),
             authz: Mutex::default(),
+            device: Mutex::default(),
         });
 
         let tls = ca::server_config(&certs)?;
@@ -179,6 +185,7 @@ impl Sandbox {
             smtp_addr,
             token_url: format!("http://{token_addr}/token"),
             auth_url: format!("http://{token_addr}/auth"),
+            device_auth_url: format!("http://{token_addr}/devicecode"),
             ca_pem: certs.ca_pem.clone(),
             tls_server_name: "localhost".to_string(),
             username: shared.username.clone(),
@@ -469,6 +476,8 @@ pub(crate) struct Shared {
     pub(crate) token_stats: TokenCounters,
     /// The fake authorization server (`authorize.rs`).
     pub(crate) authz: Mutex<authorize::AuthzState>,
+    /// The fake device authorization server (`device.rs`).
+    pub(crate) device: Mutex<device::DeviceState>,
 }
 
 impl Shared {

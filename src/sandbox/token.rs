@@ -27,6 +27,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let app = Router::new()
         .route("/token", post(token))
         .route("/auth", axum::routing::get(super::authorize::auth))
+        .route("/devicecode", post(super::device::devicecode))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
@@ -135,7 +136,8 @@ async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byte
             "The OAuth client was not found.",
         );
     }
-    if client_secret.as_deref() != Some(shared.client_secret.as_str()) {
+    let public_client = client_secret.is_none() && lock(&shared.device).allow_public_client;
+    if !public_client && client_secret.as_deref() != Some(shared.client_secret.as_str()) {
         stats.invalid_client.fetch_add(1, Ordering::Relaxed);
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "Unauthorized");
     }
@@ -153,6 +155,8 @@ async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byte
         }
         // `authorize.rs`: the authorization code + PKCE exchange.
         Some("authorization_code") => super::authorize::code_grant(&shared, &form),
+        // `device.rs`: the device authorization grant (RFC 8628).
+        Some(super::device::DEVICE_GRANT_TYPE) => super::device::device_grant(&shared, &form),
         other => oauth_error(
             StatusCode::BAD_REQUEST,
             "unsupported_grant_type",
@@ -213,7 +217,7 @@ pub(super) fn parse_basic(value: &str) -> Option<(String, String)> {
 }
 
 /// Parses an `application/x-www-form-urlencoded` body (first occurrence of a name wins).
-fn parse_form(body: &[u8]) -> HashMap<String, String> {
+pub(super) fn parse_form(body: &[u8]) -> HashMap<String, String> {
     let mut map = HashMap::new();
     for pair in body.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
         let pair = String::from_utf8_lossy(pair);

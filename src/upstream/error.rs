@@ -66,8 +66,9 @@ pub enum UpstreamError {
     #[error("no valid OAuth access token: {}", .0.reason)]
     NoToken(#[from] TokenUnavailable),
     /// The upstream rejected our token. `challenge` is the decoded JSON of its 334 reply.
-    #[error("upstream {addr} refused our OAuth token for {username} ({reply}){}",
-        challenge.as_deref().map(|c| format!("; server said {c}")).unwrap_or_default())]
+    #[error("upstream {addr} refused our OAuth token for {username} ({reply}){}{}",
+        challenge.as_deref().map(|c| format!("; server said {c}")).unwrap_or_default(),
+        auth_failure_hint(reply).map(|h| format!(" — {}", h.full)).unwrap_or_default())]
     AuthFailed {
         addr: String,
         username: String,
@@ -165,7 +166,12 @@ impl UpstreamError {
             UpstreamError::AuthFailed { reply, .. } => Reply::new(
                 454,
                 [4, 7, 0],
-                format!("upstream refused our OAuth token ({reply})"),
+                format!(
+                    "upstream refused our OAuth token ({reply}){}",
+                    auth_failure_hint(reply)
+                        .map(|h| format!(" - {}", h.short))
+                        .unwrap_or_default()
+                ),
             ),
             UpstreamError::Rejected { reply, .. } => reply.clone(),
             UpstreamError::PoolTimeout { addr, waited } => Reply::new(
@@ -213,9 +219,60 @@ impl UpstreamError {
     }
 }
 
+/// Advice for an AUTH failure reply whose meaning is known: `full` for the log, `short`
+/// (ASCII, one line) for the SMTP reply our client sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthHint {
+    pub full: &'static str,
+    pub short: &'static str,
+}
+
+/// The advice for an AUTH failure, keyed on the reply itself (not on the provider):
+/// `535 5.7.3` is what Microsoft 365 answers when SMTP AUTH is disabled for the mailbox or
+/// the whole tenant, however good the token.
+pub fn auth_failure_hint(reply: &Reply) -> Option<AuthHint> {
+    match (reply.code, reply.esc) {
+        (535, Some([5, 7, 3])) => Some(AuthHint {
+            full: "535 5.7.3 usually means SMTP AUTH is disabled for this mailbox or tenant: enable \"Authenticated SMTP\" for the mailbox (Microsoft 365 admin center > Users > Active users > the user > Mail > Manage email apps), and check that the tenant does not disable it (Exchange Online PowerShell: Set-TransportConfig -SmtpClientAuthenticationDisabled $false) and that Security defaults do not block it; the token also needs the SMTP.Send permission",
+            short: "SMTP AUTH may be disabled for the mailbox or tenant: enable Authenticated SMTP in the Microsoft 365 admin center",
+        }),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auth_failed_535_5_7_3_names_authenticated_smtp() {
+        let e = UpstreamError::AuthFailed {
+            addr: "smtp.office365.com:587".into(),
+            username: "me@example.com".into(),
+            reply: Reply::new(
+                535,
+                [5, 7, 3],
+                "Authentication unsuccessful [SN4PR0501CA0054.namprd05.prod.outlook.com]",
+            ),
+            challenge: None,
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("Authenticated SMTP") && text.contains("admin center"),
+            "{text}"
+        );
+        let r = e.reply();
+        assert_eq!((r.code, r.esc), (454, Some([4, 7, 0])));
+        assert!(r.text.contains("Authenticated SMTP"), "{}", r.text);
+        let gmail = UpstreamError::AuthFailed {
+            addr: "smtp.gmail.com:587".into(),
+            username: "me@example.com".into(),
+            reply: Reply::new(535, [5, 7, 8], "Username and Password not accepted."),
+            challenge: None,
+        };
+        assert!(!gmail.to_string().contains("Authenticated SMTP"));
+        assert!(!gmail.reply().text.contains("Authenticated SMTP"));
+    }
 
     #[test]
     fn replies_keep_upstream_codes_and_map_ours() {

@@ -272,3 +272,37 @@ async fn sandbox_bdat_with_every_recipient_refused_reports_them_and_resets() {
         "{stats:?}"
     );
 }
+
+#[tokio::test]
+async fn sandbox_535_5_7_3_says_enable_authenticated_smtp() {
+    let (sb, pool) = setup(1).await;
+    // Microsoft 365's answer when SMTP AUTH is disabled for the mailbox or tenant.
+    sb.control.inject_reply(
+        "AUTH",
+        Reply::new(
+            535,
+            [5, 7, 3],
+            "Authentication unsuccessful [SN4PR0501CA0054.namprd05.prod.outlook.com 2026-11-25T16:58:00.000Z]",
+        ),
+    );
+    let err = pool
+        .send(&envelope(&["b@example.org"]), MSG)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, UpstreamError::AuthFailed { reply, .. } if reply.code == 535),
+        "{err:?}"
+    );
+    let log = err.to_string();
+    assert!(
+        log.contains("Authenticated SMTP") && log.contains("Microsoft 365 admin center"),
+        "{log}"
+    );
+    let r = err.reply();
+    assert_eq!((r.code, r.esc), (454, Some([4, 7, 0])));
+    assert!(
+        r.text.contains("Authenticated SMTP") && r.text.is_ascii(),
+        "{}",
+        r.text
+    );
+}

@@ -71,6 +71,8 @@ pub struct Setup {
     pub pool_size: usize,
     pub max_message_size: usize,
     pub refresh_margin_secs: u64,
+    /// The account's `provider` (its hints and defaults; endpoints are the sandbox's).
+    pub provider: &'static str,
     /// Extra lines appended to the [[account]] table.
     pub account_extra: String,
     /// Run this on the sandbox before the relay starts (revoke, inject failures…).
@@ -92,6 +94,7 @@ impl Default for Setup {
             pool_size: 2,
             max_message_size: 35_882_577,
             refresh_margin_secs: 300,
+            provider: "gmail",
             account_extra: String::new(),
             before_start: None,
             spool: None,
@@ -156,8 +159,9 @@ impl Harness {
             &RelayConfigOptions {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 hostname: "relay.test",
-                // Gmail's hints (invalid_grant text) with the sandbox's endpoints.
-                provider: "gmail",
+                // Gmail's hints (invalid_grant text) with the sandbox's endpoints, unless
+                // the test asks for another provider.
+                provider: setup.provider,
                 pool_size: setup.pool_size,
                 server_extra: &server_extra,
                 account_extra: &account_extra,
