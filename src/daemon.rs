@@ -9,6 +9,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{AccountConfig, Config},
+    envelope::Deliver,
     ingress::{self, IngressSettings},
     oauth::{
         manager::{ManagerSettings, TokenManager},
@@ -58,6 +59,22 @@ pub struct Daemon {
 pub struct DaemonHooks {
     /// The spool's writer (e.g. one that fails like a full disk).
     pub spool_writer: Option<Box<dyn SpoolWriter>>,
+}
+
+/// Serves the listeners with `deliver` until `shutdown`; a failed listener stops the
+/// daemon.
+fn spawn_serve<D: Deliver>(
+    listeners: Vec<TcpListener>,
+    ingress: Arc<IngressSettings>,
+    deliver: Arc<D>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = ingress::serve(listeners, ingress, deliver, shutdown.clone()).await {
+            error!(error = %e, "listener failed; shutting down");
+            shutdown.cancel();
+        }
+    })
 }
 
 /// The ingress settings a config asks for.
@@ -173,36 +190,21 @@ impl Daemon {
                 .await?,
             ),
         };
-        let serve = {
-            let shutdown = shutdown.clone();
-            match &spool {
-                None => {
-                    let relay = Arc::new(Relay::new(
-                        pool.clone(),
-                        config.server.hostname.clone(),
-                        account.smtp_host.clone(),
-                    ));
-                    tokio::spawn(async move {
-                        if let Err(e) =
-                            ingress::serve(listeners, ingress, relay, shutdown.clone()).await
-                        {
-                            error!(error = %e, "listener failed; shutting down");
-                            shutdown.cancel();
-                        }
-                    })
-                }
-                Some(sp) => {
-                    let deliver = Arc::new(sp.deliverer());
-                    tokio::spawn(async move {
-                        if let Err(e) =
-                            ingress::serve(listeners, ingress, deliver, shutdown.clone()).await
-                        {
-                            error!(error = %e, "listener failed; shutting down");
-                            shutdown.cancel();
-                        }
-                    })
-                }
+        let serve = match &spool {
+            None => {
+                let relay = Relay::new(
+                    pool.clone(),
+                    config.server.hostname.clone(),
+                    account.smtp_host.clone(),
+                );
+                spawn_serve(listeners, ingress, Arc::new(relay), shutdown.clone())
             }
+            Some(sp) => spawn_serve(
+                listeners,
+                ingress,
+                Arc::new(sp.deliverer()),
+                shutdown.clone(),
+            ),
         };
         info!(
             listen = ?local_addrs,
