@@ -1159,29 +1159,7 @@ where
     }
     let expires_at = result?;
 
-    let expiry = chrono::DateTime::from_timestamp(expires_at as i64, 0)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-        .unwrap_or_default();
-    if created_dir {
-        writeln!(out, "\nCreated directory {} (mode 0700).", dir.display())?;
-    }
-    writeln!(
-        out,
-        "\nSaved a new refresh token for account {:?} in {} (mode 0600); the access token is valid until {expiry}.",
-        acct.name,
-        store.path().display()
-    )?;
-    if let Some(hint) = owner_hint(store.path(), &dir) {
-        writeln!(out, "{hint}")?;
-    }
-    let config_arg = config.path.display();
-    writeln!(
-        out,
-        "\nNext:\n  smtp-oauth-relay --config {config_arg} token status --account {name}\n  \
-         smtp-oauth-relay --config {config_arg} run\n\
-         A relay that is already running picks up the new token file by itself; no restart is needed.",
-        name = acct.name
-    )?;
+    report_saved(out, config, acct, &store, &dir, created_dir, expires_at)?;
     if req.google_offline {
         writeln!(
             out,
@@ -1200,6 +1178,42 @@ where
 
 /// A warning when the token file's owner differs from its directory's owner (e.g. run
 /// as root for a relay running as its own user).
+/// Tells the user what was saved where, and what to run next (code and device flows).
+pub(crate) fn report_saved(
+    out: &mut impl Write,
+    config: &Config,
+    acct: &AccountConfig,
+    store: &TokenStore,
+    dir: &Path,
+    created_dir: bool,
+    expires_at: u64,
+) -> std::io::Result<()> {
+    let expiry = chrono::DateTime::from_timestamp(expires_at as i64, 0)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_default();
+    if created_dir {
+        writeln!(out, "\nCreated directory {} (mode 0700).", dir.display())?;
+    }
+    writeln!(
+        out,
+        "\nSaved a new refresh token for account {:?} in {} (mode 0600); the access token is valid until {expiry}.",
+        acct.name,
+        store.path().display()
+    )?;
+    if let Some(hint) = owner_hint(store.path(), dir) {
+        writeln!(out, "{hint}")?;
+    }
+    let config_arg = config.path.display();
+    writeln!(
+        out,
+        "\nNext:\n  smtp-oauth-relay --config {config_arg} token status --account {name}\n  \
+         smtp-oauth-relay --config {config_arg} run\n\
+         A relay that is already running picks up the new token file by itself; no restart is needed.",
+        name = acct.name
+    )?;
+    Ok(())
+}
+
 pub(crate) fn owner_hint(file: &Path, dir: &Path) -> Option<String> {
     let f = std::fs::metadata(file).ok()?;
     let d = std::fs::metadata(dir).ok()?;

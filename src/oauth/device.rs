@@ -23,7 +23,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::{
     authorize::{
-        error_chain, http_client, minutes, owner_hint, prepare_token_dir, save_tokens,
+        error_chain, http_client, minutes, prepare_token_dir, report_saved, save_tokens,
         AuthorizeError, Authorized, NewTokens, NOT_ECHOED_SCOPES,
     },
     refresh::{one_line, DEFAULT_EXPIRES_IN},
@@ -235,29 +235,7 @@ pub async fn run_device_with<W: Write>(
     };
     let expires_at = save_tokens(&store, &tokens)?;
 
-    let expiry = chrono::DateTime::from_timestamp(expires_at as i64, 0)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-        .unwrap_or_default();
-    if created_dir {
-        writeln!(out, "\nCreated directory {} (mode 0700).", dir.display())?;
-    }
-    writeln!(
-        out,
-        "\nSaved a new refresh token for account {:?} in {} (mode 0600); the access token is valid until {expiry}.",
-        acct.name,
-        store.path().display()
-    )?;
-    if let Some(hint) = owner_hint(store.path(), &dir) {
-        writeln!(out, "{hint}")?;
-    }
-    let config_arg = config.path.display();
-    writeln!(
-        out,
-        "\nNext:\n  smtp-oauth-relay --config {config_arg} token status --account {name}\n  \
-         smtp-oauth-relay --config {config_arg} run\n\
-         A relay that is already running picks up the new token file by itself; no restart is needed.",
-        name = acct.name
-    )?;
+    report_saved(out, config, acct, &store, &dir, created_dir, expires_at)?;
     if acct.provider == Provider::Microsoft {
         writeln!(
             out,
