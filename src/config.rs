@@ -104,6 +104,11 @@ pub struct RawServer {
 #[serde(deny_unknown_fields)]
 pub struct RawAccount {
     pub name: Option<String>,
+    /// The account for senders no other account claims.
+    pub default: Option<bool>,
+    /// Envelope senders routed to this account besides its `username`: exact addresses
+    /// (`"app@example.com"`) or whole domains (`"@example.com"`).
+    pub senders: Option<Vec<String>>,
     pub provider: Option<String>,
     pub username: Option<String>,
     pub client_id: Option<String>,
@@ -208,6 +213,10 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct AccountConfig {
     pub name: String,
+    /// Takes mail from senders no other account claims.
+    pub default: bool,
+    /// Lower-cased sender patterns: exact addresses and `@domain`s (see `RawAccount`).
+    pub senders: Vec<String>,
     pub provider: Provider,
     pub username: String,
     pub client_id: String,
@@ -281,7 +290,9 @@ impl Config {
         match name {
             None => self
                 .accounts
-                .first()
+                .iter()
+                .find(|a| a.default)
+                .or_else(|| self.accounts.first())
                 .ok_or_else(|| self.invalid("account", "no [[account]] is configured")),
             Some(n) => self.accounts.iter().find(|a| a.name == n).ok_or_else(|| {
                 let known: Vec<&str> = self.accounts.iter().map(|a| a.name.as_str()).collect();
@@ -407,16 +418,11 @@ impl RawConfig {
                 "no [[account]] table; add one (see config/config.example.toml)",
             ));
         }
-        if self.account.len() > 1 {
-            return Err(c.err(
-                "account",
-                "only one [[account]] is supported in this version; all mail goes through it",
-            ));
-        }
-        let mut accounts = Vec::new();
+        let mut accounts: Vec<AccountConfig> = Vec::new();
         for (i, a) in self.account.into_iter().enumerate() {
             accounts.push(validate_account(&c, i, a)?);
         }
+        check_routes(&c, &accounts)?;
         let spool = match self.spool {
             None => None,
             Some(raw) => Some(validate_spool(&c, raw, accounts[0].pool_size)?),
@@ -479,6 +485,46 @@ fn validate_spool(
         probe_max: secs(s.probe_max_secs, "probe_max_secs", 60.0, 0.01)?,
         quota_retry: secs(s.quota_retry_secs, "quota_retry_secs", 3600.0, 0.01)?,
     })
+}
+
+/// Several accounts: names unique, at most one default, no sender claimed twice.
+fn check_routes(c: &Check<'_>, accounts: &[AccountConfig]) -> Result<(), ConfigError> {
+    let mut claimed: std::collections::HashMap<String, &str> = Default::default();
+    let mut default: Option<&str> = None;
+    for (i, a) in accounts.iter().enumerate() {
+        if accounts[..i].iter().any(|b| b.name == a.name) {
+            return Err(c.err(
+                format!("account[{i}].name"),
+                format!("{:?} is used by two accounts; names must be unique", a.name),
+            ));
+        }
+        if a.default {
+            if let Some(other) = default {
+                return Err(c.err(
+                    format!("account[{i}].default"),
+                    format!(
+                        "accounts {other:?} and {:?} are both default; mark one",
+                        a.name
+                    ),
+                ));
+            }
+            default = Some(&a.name);
+        }
+        let user = a.username.to_ascii_lowercase();
+        let own = std::iter::once(user.clone()).chain(a.senders.iter().cloned());
+        for p in own {
+            if let Some(other) = claimed.insert(p.clone(), &a.name) {
+                if other != a.name {
+                    let key = if p == user { "username" } else { "senders" };
+                    return Err(c.err(
+                        format!("account[{i}].{key}"),
+                        format!("{p:?} is claimed by accounts {other:?} and {:?}; a sender must route to one account", a.name),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountConfig, ConfigError> {
@@ -735,8 +781,28 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
     if max_messages_per_connection == 0 {
         return Err(c.err(key("max_messages_per_connection"), "must be at least 1"));
     }
+    let mut senders = Vec::new();
+    for (j, p) in a.senders.unwrap_or_default().into_iter().enumerate() {
+        let p = p.trim().to_ascii_lowercase();
+        let valid = match p.split_once('@') {
+            Some(("", domain)) => !domain.is_empty() && !domain.contains('@'),
+            Some((local, domain)) => {
+                !local.is_empty() && !domain.is_empty() && !domain.contains('@')
+            }
+            None => false,
+        };
+        if !valid {
+            return Err(c.err(
+                key(&format!("senders[{j}]")),
+                format!("{p:?} is neither an address (\"app@example.com\") nor a domain (\"@example.com\")"),
+            ));
+        }
+        senders.push(p);
+    }
     Ok(AccountConfig {
         tls_server_name: a.tls_server_name.unwrap_or_else(|| smtp_host.clone()),
+        default: a.default.unwrap_or(false),
+        senders,
         name,
         provider,
         username,
@@ -797,6 +863,56 @@ token_file = "/var/lib/smtp-oauth-relay/gmail.json"
 
     fn err(text: &str) -> String {
         parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn several_accounts_are_checked_for_clashes() {
+        let second = GOOD[GOOD.find("[[account]]").unwrap()..]
+            .replace("name = \"gmail\"", "name = \"work\"")
+            .replace("me@example.com", "ops@example.org");
+        let two = format!("{GOOD}\n{second}");
+        let c = parse(&two).unwrap();
+        assert_eq!(c.accounts.len(), 2);
+        assert_eq!(
+            c.account(None).unwrap().name,
+            "gmail",
+            "no default: the first"
+        );
+
+        let e = err(&format!(
+            "{GOOD}\n{}",
+            second.replace("name = \"work\"", "name = \"gmail\"")
+        ));
+        assert!(e.contains("account[1].name") && e.contains("unique"), "{e}");
+
+        let both = two.replace("token_file =", "default = true\ntoken_file =");
+        let e = err(&both);
+        assert!(e.contains("account[1].default"), "{e}");
+
+        let claimed = two.replace(
+            "username = \"ops@example.org\"",
+            "username = \"ops@example.org\"\nsenders = [\"ME@example.com\"]",
+        );
+        let e = err(&claimed);
+        assert!(
+            e.contains("account[1].senders") && e.contains("me@example.com"),
+            "{e}"
+        );
+
+        let bad = two.replace(
+            "username = \"ops@example.org\"",
+            "username = \"ops@example.org\"\nsenders = [\"example.org\"]",
+        );
+        let e = err(&bad);
+        assert!(
+            e.contains("account[1].senders[0]") && e.contains("@example.com"),
+            "{e}"
+        );
+
+        let with_default = two.replacen("token_file =", "default = true\ntoken_file =", 2);
+        let with_default = with_default.replacen("default = true\ntoken_file =", "token_file =", 1);
+        let c = parse(&with_default).unwrap();
+        assert_eq!(c.account(None).unwrap().name, "work", "the default account");
     }
 
     #[test]

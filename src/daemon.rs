@@ -9,7 +9,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{AccountConfig, Config},
-    envelope::Deliver,
+    envelope::{Deliver, Routed},
     ingress::{self, IngressSettings},
     oauth::{
         manager::{ManagerSettings, TokenManager},
@@ -18,6 +18,7 @@ use crate::{
         OAuthError, TokenHandle,
     },
     relay::Relay,
+    route::Upstreams,
     spool::{Spool, SpoolError, SpoolSettings, SpoolWriter},
     tls,
     upstream::{UpstreamPool, UpstreamSettings},
@@ -45,11 +46,14 @@ pub enum DaemonError {
 pub struct Daemon {
     /// The addresses actually bound (useful with port 0).
     pub local_addrs: Vec<SocketAddr>,
+    /// The default (or first) account's token handle and pool.
     pub tokens: TokenHandle,
     pub pool: UpstreamPool,
     shutdown: CancellationToken,
+    /// Every account's pool, routed by sender.
+    pub upstreams: Upstreams,
     serve: JoinHandle<()>,
-    manager: JoinHandle<()>,
+    managers: Vec<JoinHandle<()>>,
     /// The durable queue, when `[spool]` is configured.
     spool: Option<Spool>,
 }
@@ -129,7 +133,9 @@ impl Daemon {
     pub async fn start_with(config: Config, hooks: DaemonHooks) -> Result<Daemon, DaemonError> {
         tls::install_crypto_provider();
         let shutdown = CancellationToken::new();
-        let account = config.accounts[0].clone();
+        // The default account (or the first): its handle and pool are `tokens`/`pool`.
+        let main = config.accounts.iter().position(|a| a.default).unwrap_or(0);
+        let account = config.accounts[main].clone();
 
         let mut listeners = Vec::new();
         let mut local_addrs = Vec::new();
@@ -149,32 +155,43 @@ impl Daemon {
             listeners.push(l);
         }
 
-        let store = TokenStore::new(account.token_file.clone());
-        // The refresh token must not be readable by others: refuse to run on it.
-        store.check_private().map_err(OAuthError::from)?;
-        let settings = ManagerSettings {
-            account: account.name.clone(),
-            refresh_margin: account.refresh_margin,
-            provider_hint: account.provider_hint(),
-            config_path: Some(config.path.clone()),
-        };
-        let (tokens, manager) =
-            TokenManager::start(settings, store, refresher(&account)?, shutdown.clone())?;
-
-        let pool = UpstreamPool::new(
-            upstream_settings(&account, &config.server.hostname)?,
-            tokens.clone(),
-        );
-        {
-            // Warm the pool once the first token is there, without holding up start.
-            let pool = pool.clone();
-            let tokens = tokens.clone();
-            tokio::spawn(async move {
-                if tokens.ready(Duration::from_secs(60)).await.is_ok() {
-                    pool.warm().await;
-                }
-            });
+        // One token manager and one pool per account.
+        let mut handles = Vec::new();
+        let mut managers = Vec::new();
+        let mut pools = Vec::new();
+        for account in &config.accounts {
+            let store = TokenStore::new(account.token_file.clone());
+            // The refresh token must not be readable by others: refuse to run on it.
+            store.check_private().map_err(OAuthError::from)?;
+            let settings = ManagerSettings {
+                account: account.name.clone(),
+                refresh_margin: account.refresh_margin,
+                provider_hint: account.provider_hint(),
+                config_path: Some(config.path.clone()),
+            };
+            let (tokens, manager) =
+                TokenManager::start(settings, store, refresher(account)?, shutdown.clone())?;
+            let pool = UpstreamPool::new(
+                upstream_settings(account, &config.server.hostname)?,
+                tokens.clone(),
+            );
+            {
+                // Warm the pool once the first token is there, without holding up start.
+                let pool = pool.clone();
+                let tokens = tokens.clone();
+                tokio::spawn(async move {
+                    if tokens.ready(Duration::from_secs(60)).await.is_ok() {
+                        pool.warm().await;
+                    }
+                });
+            }
+            handles.push(tokens);
+            managers.push(manager);
+            pools.push(pool);
         }
+        let tokens = handles[main].clone();
+        let pool = pools[main].clone();
+        let upstreams = Upstreams::new(&config.accounts, pools);
 
         let ingress = Arc::new(ingress_settings(&config));
         let spool = match &config.spool {
@@ -182,7 +199,7 @@ impl Daemon {
             Some(sc) => Some(
                 Spool::start(
                     SpoolSettings::new(sc.clone(), &config.server.hostname, &account.smtp_host),
-                    pool.clone(),
+                    upstreams.clone(),
                     hooks
                         .spool_writer
                         .unwrap_or_else(|| Box::new(crate::spool::DiskWriter)),
@@ -192,25 +209,24 @@ impl Daemon {
         };
         let serve = match &spool {
             None => {
-                let relay = Relay::new(
-                    pool.clone(),
-                    config.server.hostname.clone(),
-                    account.smtp_host.clone(),
-                );
-                spawn_serve(listeners, ingress, Arc::new(relay), shutdown.clone())
+                let relay = Relay::new(upstreams.clone(), config.server.hostname.clone());
+                let routed = Routed {
+                    inner: relay,
+                    upstreams: upstreams.clone(),
+                };
+                spawn_serve(listeners, ingress, Arc::new(routed), shutdown.clone())
             }
-            Some(sp) => spawn_serve(
-                listeners,
-                ingress,
-                Arc::new(sp.deliverer()),
-                shutdown.clone(),
-            ),
+            Some(sp) => {
+                let routed = Routed {
+                    inner: sp.deliverer(),
+                    upstreams: upstreams.clone(),
+                };
+                spawn_serve(listeners, ingress, Arc::new(routed), shutdown.clone())
+            }
         };
         info!(
             listen = ?local_addrs,
-            account = %account.name,
-            upstream = %format!("{}:{}", account.smtp_host, account.smtp_port),
-            pool_size = account.pool_size,
+            accounts = %config.accounts.iter().map(|a| format!("{} via {}:{} (pool {})", a.name, a.smtp_host, a.smtp_port, a.pool_size)).collect::<Vec<_>>().join(", "),
             spool = %config.spool.as_ref().map(|s| s.dir.display().to_string()).unwrap_or_else(|| "none (synchronous delivery)".into()),
             "smtp-oauth-relay started"
         );
@@ -218,9 +234,10 @@ impl Daemon {
             local_addrs,
             tokens,
             pool,
+            upstreams,
             shutdown,
             serve,
-            manager,
+            managers,
             spool,
         })
     }
@@ -254,8 +271,10 @@ impl Daemon {
         if let Some(spool) = self.spool {
             spool.stop().await;
         }
-        self.pool.close().await;
-        let _ = self.manager.await;
+        self.upstreams.close().await;
+        for m in self.managers {
+            let _ = m.await;
+        }
         info!("smtp-oauth-relay stopped");
     }
 }

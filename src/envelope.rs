@@ -45,4 +45,26 @@ pub struct Message {
 /// every recipient that did not get a bounce, or durably stored.
 pub trait Deliver: Send + Sync + 'static {
     fn deliver(&self, message: Message) -> impl Future<Output = Reply> + Send;
+
+    /// A refusal for MAIL FROM `sender` (e.g. no account takes its mail), or `None`.
+    fn check_sender(&self, _sender: &str) -> Option<Reply> {
+        None
+    }
+}
+
+/// A `Deliver` that refuses, at MAIL FROM, the senders no configured account takes, and
+/// hands everything else to `inner`.
+pub struct Routed<D> {
+    pub inner: D,
+    pub upstreams: crate::route::Upstreams,
+}
+
+impl<D: Deliver> Deliver for Routed<D> {
+    fn deliver(&self, message: Message) -> impl Future<Output = Reply> + Send {
+        self.inner.deliver(message)
+    }
+
+    fn check_sender(&self, sender: &str) -> Option<Reply> {
+        self.upstreams.refuse_sender(sender)
+    }
 }

@@ -14,6 +14,7 @@ pub mod ingress;
 pub mod oauth;
 pub mod relay;
 pub mod reply;
+pub mod route;
 pub mod sandbox;
 pub mod signals;
 pub mod spool;

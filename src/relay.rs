@@ -12,29 +12,32 @@ use crate::{
     dsn::{DsnReport, FailedRecipient},
     envelope::{Deliver, Message},
     reply::Reply,
-    upstream::{SendReport, UpstreamError, UpstreamPool},
+    route::Upstreams,
+    spool::Transport,
+    upstream::{SendReport, UpstreamError},
 };
 
 /// The `Deliver` implementation of the daemon without a spool.
 pub struct Relay {
-    pool: UpstreamPool,
+    /// Every account's pool, chosen per message by envelope sender.
+    upstreams: Upstreams,
     /// Our host name, for DSNs.
     hostname: String,
-    /// The upstream host, for DSNs and logs.
-    upstream_host: String,
 }
 
 impl Relay {
-    pub fn new(pool: UpstreamPool, hostname: String, upstream_host: String) -> Self {
+    pub fn new(upstreams: Upstreams, hostname: String) -> Self {
         Relay {
-            pool,
+            upstreams,
             hostname,
-            upstream_host,
         }
     }
 
-    pub fn pool(&self) -> &UpstreamPool {
-        &self.pool
+    /// The upstream host a sender's mail goes to (logs, DSN Remote-MTA).
+    fn upstream_host(&self, sender: &str) -> &str {
+        self.upstreams
+            .route(sender)
+            .map_or("upstream", |r| r.host.as_str())
     }
 
     /// Turns the upstream's answers into the one reply the client gets, sending a DSN
@@ -101,7 +104,7 @@ impl Relay {
                 "delivered to {delivered} of {} recipients; {} refused by {}, {note} [relay id {}]",
                 report.recipients.len(),
                 refused.len(),
-                self.upstream_host,
+                self.upstream_host(&msg.envelope.sender),
                 msg.id
             ),
         )
@@ -111,7 +114,7 @@ impl Relay {
     async fn bounce(&self, msg: &Message, refused: &[FailedRecipient]) -> &'static str {
         let dsn = DsnReport {
             reporting_mta: &self.hostname,
-            remote_mta: &self.upstream_host,
+            remote_mta: self.upstream_host(&msg.envelope.sender),
             queue_id: &msg.id,
             original_sender: &msg.envelope.sender,
             arrival: Utc::now(),
@@ -126,7 +129,7 @@ impl Relay {
             warn!(id = %msg.id, refused = refused.len(), "recipients refused; no bounce to the null sender");
             return "no bounce for the null sender";
         };
-        match self.pool.send(&envelope, &body).await {
+        match self.upstreams.send(&envelope, &body).await {
             Ok(r) if r.data.as_ref().is_some_and(Reply::is_positive) => {
                 info!(id = %msg.id, to = %msg.envelope.sender, refused = refused.len(), "bounce sent for refused recipients");
                 "bounce sent to the sender"
@@ -151,14 +154,14 @@ impl Relay {
 impl Deliver for Relay {
     async fn deliver(&self, msg: Message) -> Reply {
         let started = Instant::now();
-        let result = self.pool.send(&msg.envelope, &msg.data).await;
+        let result = self.upstreams.send(&msg.envelope, &msg.data).await;
         let reply = self.conclude(&msg, result).await;
         info!(
             id = %msg.id,
             from = %msg.envelope.sender,
             rcpts = msg.envelope.recipients.len(),
             size = msg.data.len(),
-            upstream = %self.upstream_host,
+            upstream = %self.upstream_host(&msg.envelope.sender),
             reply = %reply,
             ms = started.elapsed().as_millis() as u64,
             "message"

@@ -494,6 +494,10 @@ where
         if let Some(next) = self.check_address(&address, smtputf8, [5, 1, 7]) {
             return next;
         }
+        if let Some(r) = self.deliver.check_sender(&address) {
+            let esc = r.esc.unwrap_or([5, 7, 1]);
+            return self.error(r.code, esc, &r.text);
+        }
         let envelope = Envelope {
             sender: address.into_owned(),
             recipients: Vec::new(),

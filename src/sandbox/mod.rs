@@ -73,6 +73,8 @@ pub struct SandboxOptions {
     /// client without XOAUTH2 (Postfix) can be measured against the same fake. Default
     /// `None`: PLAIN always fails, as on Gmail.
     pub plain_password: Option<String>,
+    /// The account's address (the XOAUTH2 user); default `relay@sandbox.test`.
+    pub username: Option<String>,
 }
 
 impl Default for SandboxOptions {
@@ -85,6 +87,7 @@ impl Default for SandboxOptions {
             smtp_listen: loopback,
             token_listen: loopback,
             plain_password: None,
+            username: None,
         }
     }
 }
@@ -142,7 +145,10 @@ impl Sandbox {
         let refresh_token = new_refresh_token();
         let cancel = CancellationToken::new();
         let shared = Arc::new(Shared {
-            username: "relay@sandbox.test".to_string(),
+            username: opts
+                .username
+                .clone()
+                .unwrap_or_else(|| "relay@sandbox.test".to_string()),
             client_id: "000000000000-sandbox.apps.googleusercontent.com".to_string(),
             client_secret: format!("GOCSPX-sandbox-{}", random_string(24)),
             message_dir: opts.message_dir.clone(),

@@ -83,6 +83,9 @@ pub enum UpstreamError {
         stage: Stage,
         reply: Reply,
     },
+    /// No configured account takes mail from this envelope sender.
+    #[error("no [[account]] takes mail from sender <{sender}>")]
+    NoRoute { sender: String },
     /// No pooled connection became free in time.
     #[error("no connection to upstream {addr} became free within {waited:?}")]
     PoolTimeout { addr: String, waited: Duration },
@@ -174,6 +177,13 @@ impl UpstreamError {
                 ),
             ),
             UpstreamError::Rejected { reply, .. } => reply.clone(),
+            UpstreamError::NoRoute { sender } => Reply::new(
+                550,
+                [5, 7, 1],
+                format!(
+                    "sender <{sender}> may not send through this relay: no account is configured for it (add it to an account's `senders`, or mark one account `default = true`)"
+                ),
+            ),
             UpstreamError::PoolTimeout { addr, waited } => Reply::new(
                 451,
                 [4, 4, 1],
