@@ -326,6 +326,14 @@ impl Check<'_> {
         }
     }
 
+    /// A secret file's path: `$CREDENTIALS_DIRECTORY/NAME` (systemd's `LoadCredential=`)
+    /// expanded, then resolved like any other path.
+    fn secret_path(&self, key: String, p: &Path) -> Result<PathBuf, ConfigError> {
+        let creds = std::env::var_os("CREDENTIALS_DIRECTORY");
+        let p = expand_credentials(p, creds.as_deref()).map_err(|e| self.err(key, e))?;
+        Ok(self.resolve(&p))
+    }
+
     /// Relative paths in the config are relative to the config file's directory.
     fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
@@ -334,6 +342,24 @@ impl Check<'_> {
             self.path.parent().unwrap_or(Path::new(".")).join(p)
         }
     }
+}
+
+/// Expands a leading `$CREDENTIALS_DIRECTORY` or `${CREDENTIALS_DIRECTORY}` in `p` to
+/// `creds` (the directory systemd passes credentials in).
+fn expand_credentials(p: &Path, creds: Option<&std::ffi::OsStr>) -> Result<PathBuf, String> {
+    let text = p.to_string_lossy();
+    let rest = ["${CREDENTIALS_DIRECTORY}", "$CREDENTIALS_DIRECTORY"]
+        .iter()
+        .find_map(|v| text.strip_prefix(v));
+    let Some(rest) = rest else {
+        return Ok(p.to_owned());
+    };
+    let Some(dir) = creds.filter(|d| !d.is_empty()) else {
+        return Err(format!(
+            "{text:?} uses $CREDENTIALS_DIRECTORY, which is not set: run the relay under systemd with `LoadCredential=NAME:/path/to/file` (see systemd/smtp-oauth-relay.service), or give a plain path"
+        ));
+    };
+    Ok(Path::new(dir).join(rest.trim_start_matches('/')))
 }
 
 /// Checks that a token URL is https, or http to a loopback host (a local test endpoint);
@@ -594,7 +620,7 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
     let client_json = match &a.client_secret_json {
         None => None,
         Some(f) => {
-            let f = c.resolve(f);
+            let f = c.secret_path(key("client_secret_json"), f)?;
             let json = ClientSecretJson::load(&f)
                 .map_err(|e| c.err(key("client_secret_json"), e.to_string()))?;
             Some((f, json))
@@ -626,7 +652,7 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
         }
         (Some(s), None) => Some(s),
         (None, Some(f)) => {
-            let f = c.resolve(&f);
+            let f = c.secret_path(key("client_secret_file"), &f)?;
             let text = std::fs::read_to_string(&f).map_err(|e| {
                 c.err(
                     key("client_secret_file"),
@@ -913,6 +939,27 @@ token_file = "/var/lib/smtp-oauth-relay/gmail.json"
         let with_default = with_default.replacen("default = true\ntoken_file =", "token_file =", 1);
         let c = parse(&with_default).unwrap();
         assert_eq!(c.account(None).unwrap().name, "work", "the default account");
+    }
+
+    #[test]
+    fn systemd_credentials_directory_is_expanded() {
+        use std::ffi::OsStr;
+        let dir = Some(OsStr::new("/run/credentials/smtp-oauth-relay.service"));
+        for p in [
+            "$CREDENTIALS_DIRECTORY/gmail-secret",
+            "${CREDENTIALS_DIRECTORY}/gmail-secret",
+        ] {
+            assert_eq!(
+                expand_credentials(Path::new(p), dir).unwrap(),
+                Path::new("/run/credentials/smtp-oauth-relay.service/gmail-secret")
+            );
+        }
+        assert_eq!(
+            expand_credentials(Path::new("/etc/x/secret"), None).unwrap(),
+            Path::new("/etc/x/secret")
+        );
+        let e = expand_credentials(Path::new("$CREDENTIALS_DIRECTORY/s"), None).unwrap_err();
+        assert!(e.contains("LoadCredential="), "{e}");
     }
 
     #[test]
