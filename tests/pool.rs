@@ -164,13 +164,14 @@ async fn rset_after_a_refused_recipient_before_the_next_message() {
         SmtpReply::new(550, [5, 1, 1], "no such user"),
     );
     let mut c = Client::ehlo(h.addr).await;
-    let r = c.cmd("MAIL FROM:<app@example.com>").await;
-    assert_eq!(r.code, 250);
-    assert_eq!(c.cmd("RCPT TO:<gone@example.com>").await.code, 250);
-    assert_eq!(c.cmd("DATA").await.code, 354);
-    c.send(message("refused", "x\r\n")).await;
-    c.send(b".\r\n").await;
-    assert_eq!(c.reply().await.code, 550);
+    let r = c
+        .send_mail(
+            "app@example.com",
+            &["gone@example.com"],
+            &message("refused", "x\r\n"),
+        )
+        .await;
+    assert_eq!(r.code, 550, "{r}");
     let r = c
         .send_mail(
             "app@example.com",

@@ -272,13 +272,13 @@ async fn refused_recipient_gets_a_bounce_and_the_others_the_message_once() {
     assert!(text.contains("does not exist"), "{text}");
 
     // All recipients refused: the client gets the upstream's own refusal.
-    let r = c.cmd("MAIL FROM:<app@example.com>").await;
-    assert_eq!(r.code, 250);
-    assert_eq!(c.cmd("RCPT TO:<gone@example.com>").await.code, 250);
-    assert_eq!(c.cmd("DATA").await.code, 354);
-    c.send(message("allgone", "x\r\n")).await;
-    c.send(b".\r\n").await;
-    let r = c.reply().await;
+    let r = c
+        .send_mail(
+            "app@example.com",
+            &["gone@example.com"],
+            &message("allgone", "x\r\n"),
+        )
+        .await;
     assert_eq!(r.code, 550, "{r}");
     assert!(r.text().starts_with("5.1.1"), "{r}");
     h.stop().await;
@@ -388,12 +388,13 @@ async fn invalid_grant_gives_a_temporary_failure_and_a_log_hint() {
     // Let the first refresh fail.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut c = Client::ehlo(h.addr).await;
-    assert_eq!(c.cmd("MAIL FROM:<app@example.com>").await.code, 250);
-    assert_eq!(c.cmd("RCPT TO:<you@example.com>").await.code, 250);
-    assert_eq!(c.cmd("DATA").await.code, 354);
-    c.send(message("nogrant", "x\r\n")).await;
-    c.send(b".\r\n").await;
-    let r = c.reply().await;
+    let r = c
+        .send_mail(
+            "app@example.com",
+            &["you@example.com"],
+            &message("nogrant", "x\r\n"),
+        )
+        .await;
     assert!(
         (400..500).contains(&r.code),
         "never 250, never 5xx for a fixable token problem: {r}"
@@ -456,12 +457,13 @@ async fn unreachable_upstream_is_a_temporary_failure() {
     .unwrap();
     dead.tokens.ready(Duration::from_secs(10)).await.unwrap();
     let mut c = Client::ehlo(dead.local_addrs[0]).await;
-    assert_eq!(c.cmd("MAIL FROM:<app@example.com>").await.code, 250);
-    assert_eq!(c.cmd("RCPT TO:<you@example.com>").await.code, 250);
-    assert_eq!(c.cmd("DATA").await.code, 354);
-    c.send(message("dead", "x\r\n")).await;
-    c.send(b".\r\n").await;
-    let r = c.reply().await;
+    let r = c
+        .send_mail(
+            "app@example.com",
+            &["you@example.com"],
+            &message("dead", "x\r\n"),
+        )
+        .await;
     assert_eq!(r.code, 451, "{r}");
     assert!(r.text().starts_with("4.4.1"), "{r}");
     dead.shutdown().await;
