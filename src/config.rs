@@ -11,6 +11,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::oauth::client_json::{ClientKind, ClientSecretJson};
+use crate::oauth::service_account::ServiceAccountKey;
 
 /// Where `--config` points when it is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/smtp-oauth-relay/config.toml";
@@ -29,6 +30,8 @@ pub const MICROSOFT_SMTP_HOST: &str = "smtp.office365.com";
 pub const MICROSOFT_SCOPES: [&str; 2] = ["https://outlook.office.com/SMTP.Send", "offline_access"];
 
 /// The default `tenant` for provider "microsoft": any work or school (Entra ID) account.
+/// The scope of Microsoft 365 app-only SMTP (`SMTP.SendAsApp`) for client credentials.
+pub const MICROSOFT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
 pub const MICROSOFT_DEFAULT_TENANT: &str = "organizations";
 
 /// Microsoft rejects access tokens close to expiry: refresh at least this far ahead.
@@ -110,6 +113,12 @@ pub struct RawAccount {
     /// (`"app@example.com"`) or whole domains (`"@example.com"`).
     pub senders: Option<Vec<String>>,
     pub provider: Option<String>,
+    /// How the account gets access tokens: "refresh_token" (default: `authorize` once),
+    /// "service_account" (Google Workspace, domain-wide delegation) or
+    /// "client_credentials" (Microsoft 365 app-only).
+    pub credential: Option<String>,
+    /// A Google service account's JSON key (implies `credential = "service_account"`).
+    pub service_account_json: Option<PathBuf>,
     pub username: Option<String>,
     pub client_id: Option<String>,
     pub client_secret: Option<SecretString>,
@@ -218,6 +227,7 @@ pub struct AccountConfig {
     /// Lower-cased sender patterns: exact addresses and `@domain`s (see `RawAccount`).
     pub senders: Vec<String>,
     pub provider: Provider,
+    pub credential: Credential,
     pub username: String,
     pub client_id: String,
     pub client_secret: Option<SecretString>,
@@ -246,6 +256,31 @@ pub struct AccountConfig {
     pub client_file: Option<ClientFileInfo>,
 }
 
+/// How an account gets its access tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A refresh token from `authorize`, kept in `token_file`.
+    RefreshToken,
+    /// A Google service account acting for `username` (JWT bearer grant).
+    ServiceAccount {
+        key_file: PathBuf,
+        client_email: String,
+    },
+    /// Client id + secret, no user (Microsoft 365 app-only, `SMTP.SendAsApp`).
+    ClientCredentials,
+}
+
+impl Credential {
+    pub fn kind(&self) -> crate::oauth::CredentialKind {
+        use crate::oauth::CredentialKind;
+        match self {
+            Credential::RefreshToken => CredentialKind::RefreshToken,
+            Credential::ServiceAccount { .. } => CredentialKind::ServiceAccount,
+            Credential::ClientCredentials => CredentialKind::ClientCredentials,
+        }
+    }
+}
+
 /// Where an account's client came from when `client_secret_json` is used.
 #[derive(Debug, Clone)]
 pub struct ClientFileInfo {
@@ -255,6 +290,32 @@ pub struct ClientFileInfo {
 }
 
 impl AccountConfig {
+    /// The account's token file: it holds the refresh token, or for the other
+    /// credentials only the cached access token (and may not exist yet).
+    pub fn token_store(&self) -> crate::oauth::TokenStore {
+        let path = self.token_file.clone();
+        if self.credential.kind().uses_refresh_token() {
+            crate::oauth::TokenStore::new(path)
+        } else {
+            crate::oauth::TokenStore::without_refresh_token(path)
+        }
+    }
+
+    /// Why `authorize` has nothing to do for this account (`None`: it needs a refresh token).
+    pub fn authorize_refusal(&self) -> Option<String> {
+        let what = match &self.credential {
+            Credential::RefreshToken => return None,
+            Credential::ServiceAccount { client_email, .. } => {
+                format!("uses the service account {client_email}")
+            }
+            Credential::ClientCredentials => "uses client credentials (app-only)".to_owned(),
+        };
+        Some(format!(
+            "account {} {what}: it needs no authorization and no refresh token; test it with `smtp-oauth-relay token refresh --account {}`",
+            self.name, self.name
+        ))
+    }
+
     /// Which provider's wording the token manager's hints use.
     pub fn provider_hint(&self) -> crate::oauth::ProviderHint {
         match self.provider {
@@ -617,6 +678,74 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
             format!("{username:?} is not an email address"),
         ));
     }
+    use crate::oauth::CredentialKind;
+    let kind = match a.credential.as_deref() {
+        None if a.service_account_json.is_some() => CredentialKind::ServiceAccount,
+        None | Some("refresh_token") => CredentialKind::RefreshToken,
+        Some("service_account") => CredentialKind::ServiceAccount,
+        Some("client_credentials") => CredentialKind::ClientCredentials,
+        Some(other) => {
+            return Err(c.err(
+                key("credential"),
+                format!("unknown credential {other:?}; expected \"refresh_token\" (authorize once, the default), \"service_account\" (Google Workspace, with service_account_json) or \"client_credentials\" (Microsoft 365 app-only)"),
+            ))
+        }
+    };
+    let service_account = match (kind, &a.service_account_json) {
+        (CredentialKind::ServiceAccount, None) => {
+            return Err(c.err(
+                key("service_account_json"),
+                "is required for credential = \"service_account\": the JSON key of the service account (IAM & Admin → Service accounts → Keys → Add key → JSON)",
+            ))
+        }
+        (CredentialKind::ServiceAccount, Some(f)) => {
+            if provider == Provider::Microsoft {
+                return Err(c.err(
+                    key("credential"),
+                    "\"service_account\" is Google's; for Microsoft 365 without a user sign-in use credential = \"client_credentials\"",
+                ));
+            }
+            for (k, given) in [
+                ("client_id", a.client_id.is_some()),
+                ("client_secret", a.client_secret.is_some()),
+                ("client_secret_file", a.client_secret_file.is_some()),
+                ("client_secret_json", a.client_secret_json.is_some()),
+            ] {
+                if given {
+                    return Err(c.err(
+                        key(k),
+                        "is not used with a service account (its key file identifies it): remove it",
+                    ));
+                }
+            }
+            let f = c.secret_path(key("service_account_json"), f)?;
+            let sa = ServiceAccountKey::load(&f)
+                .map_err(|e| c.err(key("service_account_json"), e.to_string()))?;
+            Some((f, sa))
+        }
+        (_, Some(_)) => {
+            return Err(c.err(
+                key("service_account_json"),
+                format!("only applies to credential = \"service_account\" (this account's is {:?}); remove one of the two", kind.name()),
+            ))
+        }
+        (_, None) => None,
+    };
+    if kind == CredentialKind::ClientCredentials && provider == Provider::Gmail {
+        return Err(c.err(
+            key("credential"),
+            "Google does not give Gmail access for client credentials: use a Workspace service account (service_account_json = PATH) or the default refresh token (`smtp-oauth-relay authorize`)",
+        ));
+    }
+    if kind == CredentialKind::ClientCredentials
+        && provider == Provider::Microsoft
+        && ["organizations", "common", "consumers"].contains(&tenant.to_ascii_lowercase().as_str())
+    {
+        return Err(c.err(
+            key("tenant"),
+            format!("{tenant:?} cannot be used with client credentials: Microsoft issues app-only tokens only from your own tenant; set tenant to the Directory (tenant) ID from the app registration's Overview page"),
+        ));
+    }
     let client_json = match &a.client_secret_json {
         None => None,
         Some(f) => {
@@ -628,6 +757,10 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
     };
     let json = client_json.as_ref().map(|(_, j)| j);
     let client_id = match a.client_id {
+        _ if service_account.is_some() => service_account
+            .as_ref()
+            .map(|(_, k)| k.client_id.clone())
+            .unwrap_or_default(),
         Some(id) if !id.trim().is_empty() => id,
         _ => match json {
             Some(j) => j.client_id.clone(),
@@ -671,7 +804,13 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
         (None, None) => None,
     };
     let client_secret = explicit_secret.or_else(|| json.and_then(|j| j.client_secret.clone()));
-    if client_secret.is_none() && provider == Provider::Gmail {
+    if client_secret.is_none() && kind == CredentialKind::ClientCredentials {
+        return Err(c.err(
+            key("client_secret"),
+            "is required for credential = \"client_credentials\": the Value of a client secret of the app registration (Certificates & secrets), or client_secret_file = PATH",
+        ));
+    }
+    if client_secret.is_none() && provider == Provider::Gmail && service_account.is_none() {
         let problem = if client_json.is_some() {
             "is required for Gmail and the client_secret_json file has none: copy it from the OAuth client in the Google Cloud console (or use client_secret_file = PATH)"
         } else {
@@ -682,7 +821,11 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
     let token_file = c.resolve(&a.token_file.ok_or_else(|| {
         c.err(
             key("token_file"),
-            "is required: where the refresh token is kept, e.g. \"/var/lib/smtp-oauth-relay/gmail.json\"",
+            if kind.uses_refresh_token() {
+                "is required: where the refresh token is kept, e.g. \"/var/lib/smtp-oauth-relay/gmail.json\""
+            } else {
+                "is required: where the relay caches the access token and records refreshes (created on first start), e.g. \"/var/lib/smtp-oauth-relay/workspace.json\""
+            },
         )
     })?);
     let (default_host, default_url) = match provider {
@@ -713,6 +856,11 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
     let token_url = a
         .token_url
         .or_else(|| json.and_then(|j| j.token_uri.clone()))
+        .or_else(|| {
+            service_account
+                .as_ref()
+                .and_then(|(_, k)| k.token_uri.clone())
+        })
         .or(default_url)
         .ok_or_else(|| c.err(key("token_url"), "is required for provider \"custom\""))?;
     check_token_url(&token_url).map_err(|p| c.err(token_url_key, p))?;
@@ -755,6 +903,9 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
                 }
             }
             list
+        }
+        None if kind == CredentialKind::ClientCredentials && provider == Provider::Microsoft => {
+            vec![MICROSOFT_APP_SCOPE.to_owned()]
         }
         None if provider == Provider::Gmail => vec![GMAIL_SCOPE.to_owned()],
         None if provider == Provider::Microsoft => {
@@ -831,6 +982,14 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
         senders,
         name,
         provider,
+        credential: match service_account {
+            Some((key_file, k)) => Credential::ServiceAccount {
+                key_file,
+                client_email: k.client_email,
+            },
+            None if kind == CredentialKind::ClientCredentials => Credential::ClientCredentials,
+            None => Credential::RefreshToken,
+        },
         username,
         client_id,
         client_secret,
@@ -1351,6 +1510,103 @@ token_file = "/var/lib/smtp-oauth-relay/m365.json"
         assert!(e.contains("account[0].device_auth_url"), "{e}");
         let e = err(&MICROSOFT.replace("\"microsoft\"", "\"yahoo\""));
         assert!(e.contains("\"microsoft\""), "{e}");
+    }
+
+    fn service_account_file(dir: &Path) -> PathBuf {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let json = serde_json::json!({
+            "type": "service_account",
+            "private_key_id": "k1",
+            "private_key": kp.serialize_pem(),
+            "client_email": "relay@p.iam.gserviceaccount.com",
+            "client_id": "109876543210",
+            "token_uri": "https://oauth2.googleapis.com/token",
+        });
+        client_file(dir, "sa.json", &json.to_string())
+    }
+
+    #[test]
+    fn service_account_needs_no_client_and_is_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let f = service_account_file(d.path());
+        let sa = format!(
+            "[[account]]\nname = \"w\"\nusername = \"me@example.com\"\ntoken_file = \"t.json\"\nservice_account_json = {:?}\n",
+            f.display().to_string()
+        );
+        let c = parse(&sa).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(
+            a.credential,
+            Credential::ServiceAccount {
+                key_file: f.clone(),
+                client_email: "relay@p.iam.gserviceaccount.com".into()
+            }
+        );
+        assert_eq!(a.client_id, "109876543210");
+        assert!(a.client_secret.is_none());
+        assert_eq!(a.scopes, [GMAIL_SCOPE]);
+        assert_eq!(a.token_url, "https://oauth2.googleapis.com/token");
+        assert!(!a.token_store().needs_refresh_token());
+        assert!(parse(&format!("{sa}credential = \"service_account\"\n")).is_ok());
+        // Keys that belong to other credentials are named.
+        let e = err(&format!("{sa}client_secret = \"x\"\n"));
+        assert!(
+            e.contains("account[0].client_secret") && e.contains("not used with a service account"),
+            "{e}"
+        );
+        let e = err(&format!("{sa}credential = \"client_credentials\"\n"));
+        assert!(e.contains("account[0].service_account_json"), "{e}");
+        let e = err(&format!("{sa}provider = \"microsoft\"\n"));
+        assert!(e.contains("client_credentials"), "{e}");
+        let e = err(&GOOD.replace("provider = \"gmail\"", "credential = \"service_account\""));
+        assert!(
+            e.contains("account[0].service_account_json") && e.contains("is required"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("provider = \"gmail\"", "credential = \"password\""));
+        assert!(
+            e.contains("account[0].credential") && e.contains("\"password\""),
+            "{e}"
+        );
+        // An OAuth client file given as a service account key, and the reverse.
+        let client = client_file(d.path(), "client.json", &installed_json());
+        let e = err(&sa.replace(&f.display().to_string(), &client.display().to_string()));
+        assert!(e.contains("client_secret_json ="), "{e}");
+        let e = err(&with_json(&f, ""));
+        assert!(e.contains("service_account_json ="), "{e}");
+    }
+
+    #[test]
+    fn client_credentials_need_a_secret_and_a_real_tenant() {
+        let cc = format!("{MICROSOFT}credential = \"client_credentials\"\n");
+        let e = err(&cc);
+        assert!(
+            e.contains("account[0].tenant") && e.contains("Directory (tenant) ID"),
+            "{e}"
+        );
+        let c = parse(&format!(
+            "{cc}tenant = \"contoso.example\"\nclient_secret = \"v\"\n"
+        ))
+        .unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.credential, Credential::ClientCredentials);
+        assert_eq!(a.scopes, [MICROSOFT_APP_SCOPE]);
+        assert!(
+            a.token_url.contains("/contoso.example/oauth2/v2.0/token"),
+            "{}",
+            a.token_url
+        );
+        assert!(a.authorize_refusal().is_some());
+        let e = err(&format!("{cc}tenant = \"contoso.example\"\n"));
+        assert!(
+            e.contains("account[0].client_secret") && e.contains("Certificates & secrets"),
+            "{e}"
+        );
+        let e = err(&format!("{GOOD}credential = \"client_credentials\"\n"));
+        assert!(
+            e.contains("account[0].credential") && e.contains("service account"),
+            "{e}"
+        );
     }
 
     #[test]

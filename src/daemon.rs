@@ -8,13 +8,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{AccountConfig, Config},
+    config::{AccountConfig, Config, Credential},
     envelope::{Deliver, Routed},
     ingress::{self, IngressSettings},
     oauth::{
         manager::{ManagerSettings, TokenManager},
-        refresh::OAuth2Refresher,
-        store::TokenStore,
+        refresh::{AccountRefresher, OAuth2Refresher},
+        service_account::ServiceAccountRefresher,
         OAuthError, TokenHandle,
     },
     relay::Relay,
@@ -113,13 +113,44 @@ pub fn upstream_settings(
     Ok(u)
 }
 
+/// The token manager's settings for one account of the config at `config_path`.
+pub fn manager_settings(account: &AccountConfig, config_path: &std::path::Path) -> ManagerSettings {
+    ManagerSettings {
+        account: account.name.clone(),
+        credential: account.credential.kind(),
+        refresh_margin: account.refresh_margin,
+        provider_hint: account.provider_hint(),
+        config_path: Some(config_path.to_path_buf()),
+    }
+}
+
 /// The token refresher for one account.
-pub fn refresher(account: &AccountConfig) -> Result<OAuth2Refresher, DaemonError> {
-    Ok(OAuth2Refresher::new(
-        account.client_id.clone(),
-        account.client_secret.clone(),
-        account.token_url.clone(),
-    )?)
+pub fn refresher(account: &AccountConfig) -> Result<AccountRefresher, DaemonError> {
+    let client_id = account.client_id.clone();
+    let token_url = account.token_url.clone();
+    Ok(match (&account.credential, &account.client_secret) {
+        (Credential::ServiceAccount { key_file, .. }, _) => {
+            AccountRefresher::ServiceAccount(ServiceAccountRefresher::new(
+                key_file.clone(),
+                account.username.clone(),
+                account.scopes.clone(),
+                token_url,
+            )?)
+        }
+        (Credential::ClientCredentials, Some(secret)) => {
+            AccountRefresher::OAuth2(Box::new(OAuth2Refresher::client_credentials(
+                client_id,
+                secret.clone(),
+                token_url,
+                account.scopes.clone(),
+            )?))
+        }
+        (_, secret) => AccountRefresher::OAuth2(Box::new(OAuth2Refresher::new(
+            client_id,
+            secret.clone(),
+            token_url,
+        )?)),
+    })
 }
 
 impl Daemon {
@@ -160,15 +191,10 @@ impl Daemon {
         let mut managers = Vec::new();
         let mut pools = Vec::new();
         for account in &config.accounts {
-            let store = TokenStore::new(account.token_file.clone());
-            // The refresh token must not be readable by others: refuse to run on it.
+            let store = account.token_store();
+            // The tokens must not be readable by others: refuse to run on them.
             store.check_private().map_err(OAuthError::from)?;
-            let settings = ManagerSettings {
-                account: account.name.clone(),
-                refresh_margin: account.refresh_margin,
-                provider_hint: account.provider_hint(),
-                config_path: Some(config.path.clone()),
-            };
+            let settings = manager_settings(account, &config.path);
             let (tokens, manager) =
                 TokenManager::start(settings, store, refresher(account)?, shutdown.clone())?;
             let pool = UpstreamPool::new(

@@ -59,7 +59,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             for a in &config.accounts {
                 daemon::upstream_settings(a, &config.server.hostname)?;
                 daemon::refresher(a)?;
-                let store = oauth::TokenStore::new(a.token_file.clone());
+                let store = a.token_store();
                 store
                     .check_private()
                     .and_then(|()| store.load().map(drop))
@@ -72,12 +72,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             match command {
                 TokenCommand::Status { account, json } => {
                     let a = config.account(account.as_deref())?;
-                    let store = oauth::TokenStore::new(a.token_file.clone());
+                    let store = a.token_store();
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .unwrap_or(Duration::ZERO)
                         .as_secs();
-                    let status = oauth::status_with(&store, now, a.provider_hint())?;
+                    let status =
+                        oauth::status_with(&store, now, a.provider_hint(), a.credential.kind())?;
                     if json {
                         println!("{}", status.to_json(&a.name));
                     } else {
@@ -86,10 +87,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 TokenCommand::Refresh { account } => {
                     let a = config.account(account.as_deref())?;
-                    let store = oauth::TokenStore::new(a.token_file.clone());
+                    let store = a.token_store();
                     let refresher = daemon::refresher(a)?;
-                    oauth::refresh_now(&store, &refresher)
-                        .await
+                    let result = oauth::refresh_now(&store, &refresher).await;
+                    if let Err(oauth::OAuthError::Refresh(e)) = &result {
+                        if let Some(fix) = daemon::manager_settings(a, &config.path).remedy(e) {
+                            eprintln!("{fix}");
+                        }
+                    }
+                    result
                         .with_context(|| format!("refreshing the token of account {}", a.name))?;
                     println!(
                         "account {}: access token refreshed and saved to {}",
@@ -120,6 +126,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             ..
         } => {
             let config = Config::load(&cli.config)?;
+            refuse_authorize(&config, account.as_deref())?;
             oauth::device::run_device(
                 &config,
                 account.as_deref(),
@@ -134,6 +141,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             device: false,
         } => {
             let config = Config::load(&cli.config)?;
+            refuse_authorize(&config, account.as_deref())?;
             oauth::authorize::run(
                 &config,
                 account.as_deref(),
@@ -174,4 +182,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `authorize` for an account that gets tokens without a user's sign-in is a mistake.
+fn refuse_authorize(config: &Config, account: Option<&str>) -> anyhow::Result<()> {
+    match config.account(account)?.authorize_refusal() {
+        Some(why) => anyhow::bail!(why),
+        None => Ok(()),
+    }
 }

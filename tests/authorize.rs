@@ -116,7 +116,10 @@ async fn redirected_to(url: &str) -> String {
 fn no_secrets(text: &str, sb: &Sandbox, dir: &Path) {
     assert!(!text.contains(&sb.client_secret), "{text}");
     if let Ok(f) = TokenStore::new(token_path(dir)).load() {
-        assert!(!text.contains(f.refresh_token.expose_secret()), "{text}");
+        assert!(
+            !text.contains(f.refresh_token.as_ref().unwrap().expose_secret()),
+            "{text}"
+        );
         let at = f.access_token.unwrap();
         assert!(!text.contains(at.expose_secret()), "{text}");
     }
@@ -133,7 +136,10 @@ async fn refresh_token_works(sb: &Sandbox, dir: &Path) {
         sb.token_url.clone(),
     )
     .unwrap();
-    refresher.refresh(&file.refresh_token).await.unwrap();
+    refresher
+        .refresh(file.refresh_token.as_ref())
+        .await
+        .unwrap();
 }
 
 fn paste_pipe() -> (DuplexStream, BufReader<DuplexStream>) {
@@ -176,7 +182,7 @@ async fn loopback_flow_with_a_browser() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     let file = TokenStore::new(done.token_file.clone()).load().unwrap();
     assert_eq!(
-        file.refresh_token.expose_secret(),
+        file.refresh_token.as_ref().unwrap().expose_secret(),
         sb.control.current_refresh_token()
     );
     assert!(file.access_token.is_some());

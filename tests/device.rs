@@ -132,18 +132,24 @@ async fn device_flow_pending_slow_down_then_approved() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     let file = TokenStore::new(done.token_file.clone()).load().unwrap();
     assert_eq!(
-        file.refresh_token.expose_secret(),
+        file.refresh_token.as_ref().unwrap().expose_secret(),
         sb.control.current_refresh_token()
     );
     assert_eq!(file.expires_at, Some(done.expires_at));
     // The public client refreshes with it, no secret.
     let refresher = OAuth2Refresher::new(sb.client_id.clone(), None, sb.token_url.clone()).unwrap();
-    refresher.refresh(&file.refresh_token).await.unwrap();
+    refresher
+        .refresh(file.refresh_token.as_ref())
+        .await
+        .unwrap();
 
     let text = screen.text();
     assert!(text.contains("Saved a new refresh token"), "{text}");
     assert!(text.contains("Authenticated SMTP"), "{text}");
-    assert!(!text.contains(file.refresh_token.expose_secret()), "{text}");
+    assert!(
+        !text.contains(file.refresh_token.as_ref().unwrap().expose_secret()),
+        "{text}"
+    );
     assert!(
         !text.contains(file.access_token.unwrap().expose_secret()),
         "{text}"

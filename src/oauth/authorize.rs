@@ -1628,7 +1628,7 @@ mod tests {
         };
         let expires_at = save_tokens(&store, &tokens).unwrap();
         let f = store.load().unwrap();
-        assert_eq!(f.refresh_token.expose_secret(), RT);
+        assert_eq!(f.refresh_token.as_ref().unwrap().expose_secret(), RT);
         assert_eq!(f.access_token.unwrap().expose_secret(), AT);
         assert_eq!(f.expires_at, Some(expires_at));
         assert_eq!(f.refresh_token_issued_at, f.last_refresh_at);

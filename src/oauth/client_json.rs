@@ -76,7 +76,7 @@ pub enum ClientJsonError {
         column: usize,
         what: &'static str,
     },
-    #[error("{path} is a service-account key (\"type\": \"service_account\"), not an OAuth client file; create an OAuth client ID of type \"Desktop app\" (APIs & Services → Credentials → Create credentials → OAuth client ID) and give its downloaded JSON")]
+    #[error("{path} is a service-account key (\"type\": \"service_account\"), not an OAuth client file; for a Workspace service account with domain-wide delegation write `service_account_json = \"{path}\"` instead of `client_secret_json`; otherwise create an OAuth client ID of type \"Desktop app\" (APIs & Services → Credentials → Create credentials → OAuth client ID) and give its downloaded JSON")]
     ServiceAccount { path: PathBuf },
     #[error("{path} has neither an \"installed\" nor a \"web\" object, so it is not an OAuth client file; in the Google Cloud console open APIs & Services → Credentials → your OAuth 2.0 client (type \"Desktop app\" is best) and use its \"Download JSON\" file as is")]
     NoClient { path: PathBuf },

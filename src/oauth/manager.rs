@@ -17,7 +17,7 @@ use std::{
 };
 
 use rand::Rng;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::{
     task::JoinHandle,
     time::{sleep, sleep_until, Instant},
@@ -57,10 +57,39 @@ pub enum ProviderHint {
     Custom,
 }
 
+/// How an account gets its access tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CredentialKind {
+    /// A refresh token from `authorize`, kept in the token file.
+    #[default]
+    RefreshToken,
+    /// A Google service account's signed assertion (domain-wide delegation, `sub`).
+    ServiceAccount,
+    /// The client-credentials grant: client id + secret (Microsoft 365 app-only).
+    ClientCredentials,
+}
+
+impl CredentialKind {
+    /// The config's name for it (`credential = "…"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CredentialKind::RefreshToken => "refresh_token",
+            CredentialKind::ServiceAccount => "service_account",
+            CredentialKind::ClientCredentials => "client_credentials",
+        }
+    }
+
+    /// Whether the token file holds a refresh token that `authorize` obtains.
+    pub fn uses_refresh_token(self) -> bool {
+        self == CredentialKind::RefreshToken
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ManagerSettings {
     /// The account name, as in the config (used in log lines and hints).
     pub account: String,
+    pub credential: CredentialKind,
     /// Refresh when the token has less than min(refresh_margin, lifetime/2) left.
     pub refresh_margin: Duration,
     pub provider_hint: ProviderHint,
@@ -73,6 +102,7 @@ impl ManagerSettings {
     pub fn new(account: impl Into<String>) -> Self {
         ManagerSettings {
             account: account.into(),
+            credential: CredentialKind::RefreshToken,
             refresh_margin: DEFAULT_REFRESH_MARGIN,
             provider_hint: ProviderHint::Gmail,
             config_path: None,
@@ -99,6 +129,35 @@ impl ManagerSettings {
     /// not cure (`invalid_grant`, `invalid_client`); `None` for the others.
     pub fn remedy(&self, err: &RefreshError) -> Option<String> {
         let account = self.account();
+        match (self.credential, err) {
+            (CredentialKind::ServiceAccount, RefreshError::InvalidGrant { description }) => {
+                return Some(format!(
+                    "account {account}: Google refused the service account's assertion (invalid_grant: {description}); {}; the relay tries again every few minutes and reads the key file again each time",
+                    service_account_hint(description)
+                ))
+            }
+            (CredentialKind::ServiceAccount, RefreshError::InvalidClient { description }) => {
+                return Some(format!(
+                    "account {account}: the service account may not act for this mailbox (unauthorized_client: {description}); a Workspace super admin must allow it in the Google Admin console: Security → Access and data control → API controls → Manage Domain Wide Delegation → Add new, with the client_id from the service_account_json file and the scope https://mail.google.com/ (changes can take up to 24 hours to apply; the relay tries again every few minutes)"
+                ))
+            }
+            (CredentialKind::ClientCredentials, RefreshError::InvalidGrant { description } | RefreshError::InvalidClient { description }) => {
+                let mut s = format!(
+                    "account {account}: the token endpoint rejected the app's client credentials ({err}); check client_id and client_secret{} — give the client secret's Value, not its Secret ID, and note that client secrets expire (app registration → Certificates & secrets); the relay tries again every few minutes",
+                    match &self.config_path {
+                        Some(p) => format!(" in {}", one_line(&p.display().to_string(), 300)),
+                        None => String::new(),
+                    },
+                );
+                if self.provider_hint == ProviderHint::Microsoft {
+                    if let Some((code, why)) = MICROSOFT_CLIENT_ERRORS.iter().find(|(c, _)| description.contains(c)) {
+                        s.push_str(&format!("; Microsoft says {code}: {why}"));
+                    }
+                }
+                return Some(s);
+            }
+            _ => {}
+        }
         match err {
             RefreshError::InvalidGrant { description } => {
                 let command = match self.provider_hint {
@@ -141,7 +200,23 @@ impl ManagerSettings {
     /// The short reason published to senders (it ends up in SMTP 454 replies).
     fn short_reason(&self, err: &RefreshError) -> String {
         let account = self.account();
-        let s = match err {
+        let s = match (self.credential, err) {
+            (CredentialKind::ServiceAccount, RefreshError::InvalidGrant { .. }) => format!(
+                "Google refused the service account assertion for {account} (invalid_grant); see the relay's log"
+            ),
+            (CredentialKind::ServiceAccount, RefreshError::InvalidClient { .. }) => format!(
+                "the service account for {account} is not allowed domain-wide delegation of https://mail.google.com/ (unauthorized_client)"
+            ),
+            (CredentialKind::ClientCredentials, RefreshError::InvalidGrant { .. } | RefreshError::InvalidClient { .. }) => format!(
+                "OAuth client credentials for {account} rejected by the token endpoint; check client_id/client_secret"
+            ),
+            (_, err) => self.refresh_token_reason(&account, err),
+        };
+        one_line(&s, 400)
+    }
+
+    fn refresh_token_reason(&self, account: &str, err: &RefreshError) -> String {
+        match err {
             RefreshError::InvalidGrant { .. } => format!(
                 "OAuth refresh token for {account} expired or revoked (invalid_grant); run `smtp-oauth-relay authorize{}`",
                 if self.provider_hint == ProviderHint::Microsoft { " --device" } else { "" }
@@ -150,10 +225,39 @@ impl ManagerSettings {
                 "OAuth client for {account} rejected by the token endpoint (invalid_client); check client_id/client_secret"
             ),
             other => format!("OAuth token refresh for {account} failed: {other}"),
-        };
-        one_line(&s, 400)
+        }
     }
 }
+
+/// What Google's `invalid_grant` description for a service-account assertion means.
+fn service_account_hint(description: &str) -> &'static str {
+    if description.contains("Signature") {
+        "the key in service_account_json was deleted or disabled, or the file was edited: create a new key (IAM & Admin → Service accounts → your account → Keys → Add key → JSON) and point service_account_json at it"
+    } else if description.contains("email") || description.contains("User ID") {
+        "`username` is not an existing user of the Workspace domain the service account is delegated for: set it to that user's primary address"
+    } else if description.contains("iat") || description.contains("timeframe") {
+        "this machine's clock is off: check it (`timedatectl`) and enable NTP"
+    } else {
+        "check that the service account and its key still exist (IAM & Admin → Service accounts) and that `username` is a user of the delegated Workspace domain"
+    }
+}
+
+/// Microsoft's AADSTS codes for rejected client credentials.
+const MICROSOFT_CLIENT_ERRORS: [(&str, &str); 4] = [
+    (
+        "AADSTS7000215",
+        "the client secret is wrong (give its Value, not its Secret ID)",
+    ),
+    (
+        "AADSTS7000222",
+        "the client secret has expired: add a new one under Certificates & secrets",
+    ),
+    (
+        "AADSTS700016",
+        "no application with this client_id exists in the tenant: check client_id and tenant",
+    ),
+    ("AADSTS90002", "the tenant was not found: check `tenant`"),
+];
 
 /// What Microsoft's AADSTS code in an `invalid_grant` description means (`; …`), or the
 /// usual causes when the description carries no code this knows.
@@ -197,7 +301,7 @@ fn apply_grant(file: &mut TokenFile, grant: &Grant, requested_at_unix: u64) -> b
     let now = unix_now();
     let rotated = grant.refresh_token.is_some();
     if let Some(rt) = &grant.refresh_token {
-        file.refresh_token = rt.clone();
+        file.refresh_token = Some(rt.clone());
         file.refresh_token_issued_at = Some(now);
     }
     file.access_token = Some(grant.access_token.clone());
@@ -205,6 +309,10 @@ fn apply_grant(file: &mut TokenFile, grant: &Grant, requested_at_unix: u64) -> b
     file.last_refresh_at = Some(now);
     file.last_error = None;
     rotated
+}
+
+fn same_secret(a: &Option<SecretString>, b: &Option<SecretString>) -> bool {
+    a.as_ref().map(ExposeSecret::expose_secret) == b.as_ref().map(ExposeSecret::expose_secret)
 }
 
 /// Starts the refresh-ahead task for one account.
@@ -358,7 +466,7 @@ impl<R: Refresher> Manager<R> {
         let result = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => return None,
-            r = tokio::time::timeout(REFRESH_DEADLINE, self.refresher.refresh(&refresh_token)) => {
+            r = tokio::time::timeout(REFRESH_DEADLINE, self.refresher.refresh(refresh_token.as_ref())) => {
                 r.unwrap_or_else(|_| Err(RefreshError::Transient {
                     detail: format!("no answer from the token endpoint within {} s", REFRESH_DEADLINE.as_secs()),
                 }))
@@ -366,7 +474,11 @@ impl<R: Refresher> Manager<R> {
         };
         Some(match result {
             Ok(grant) => self.on_success(grant, started, started_unix).await,
-            Err(e @ (RefreshError::InvalidGrant { .. } | RefreshError::InvalidClient { .. })) => {
+            // Only `authorize` cures a dead refresh token; the other credentials are
+            // mended outside (a new key, an admin's delegation): keep trying.
+            Err(e @ (RefreshError::InvalidGrant { .. } | RefreshError::InvalidClient { .. }))
+                if self.settings.credential.uses_refresh_token() =>
+            {
                 self.on_fatal(e).await
             }
             Err(e) => self.on_retryable(e, attempt).await,
@@ -424,6 +536,9 @@ impl<R: Refresher> Manager<R> {
 
     async fn on_retryable(&mut self, err: RefreshError, attempt: u32) -> Next {
         let account = self.settings.account();
+        if let Some(remedy) = self.settings.remedy(&err).filter(|_| attempt == 0) {
+            error!(account = %account, "{remedy}");
+        }
         let delay = backoff_delay(attempt);
         let secs = delay.as_secs_f32();
         if err.is_transient() {
@@ -477,7 +592,7 @@ impl<R: Refresher> Manager<R> {
                 return Some(Next::WaitForNewGrant);
             }
         };
-        if disk.refresh_token.expose_secret() == self.file.refresh_token.expose_secret() {
+        if same_secret(&disk.refresh_token, &self.file.refresh_token) {
             return Some(Next::WaitForNewGrant);
         }
         info!(account = %self.settings.account(), "the token file has a new refresh token: using it");
@@ -498,7 +613,7 @@ impl<R: Refresher> Manager<R> {
         let Ok(disk) = self.load().await else {
             return;
         };
-        if disk.refresh_token.expose_secret() != self.file.refresh_token.expose_secret() {
+        if !same_secret(&disk.refresh_token, &self.file.refresh_token) {
             info!(account = %self.settings.account(), "the token file has a new refresh token: using it");
             self.file.refresh_token = disk.refresh_token;
             self.file.refresh_token_issued_at = disk.refresh_token_issued_at;
@@ -543,7 +658,7 @@ pub async fn refresh_now<R: Refresher>(
 ) -> Result<TokenFile, OAuthError> {
     let mut file = store.load()?;
     let started_unix = unix_now();
-    match refresher.refresh(&file.refresh_token).await {
+    match refresher.refresh(file.refresh_token.as_ref()).await {
         Ok(grant) => {
             let rotated = apply_grant(&mut file, &grant, started_unix);
             store
@@ -643,12 +758,14 @@ mod tests {
     impl Refresher for Fake {
         fn refresh(
             &self,
-            refresh_token: &SecretString,
+            refresh_token: Option<&SecretString>,
         ) -> impl std::future::Future<Output = Result<Grant, RefreshError>> + Send {
-            self.calls
-                .lock()
-                .unwrap()
-                .push((Instant::now(), refresh_token.expose_secret().to_owned()));
+            self.calls.lock().unwrap().push((
+                Instant::now(),
+                refresh_token
+                    .map(|t| t.expose_secret().to_owned())
+                    .unwrap_or_default(),
+            ));
             let n = self.n.fetch_add(1, Ordering::SeqCst) + 1;
             let step = self.steps.lock().unwrap().pop_front();
             async move {
@@ -668,6 +785,7 @@ mod tests {
     fn settings() -> ManagerSettings {
         ManagerSettings {
             account: "relay@example.com".into(),
+            credential: CredentialKind::RefreshToken,
             refresh_margin: Duration::from_secs(300),
             provider_hint: ProviderHint::Gmail,
             config_path: Some(PathBuf::from("/etc/smtp-oauth-relay.toml")),
@@ -814,7 +932,10 @@ mod tests {
         .unwrap();
         let (token, file) = on_disk;
         assert_eq!(token.secret(), "ya29.SECRET-a");
-        assert_eq!(file.refresh_token.expose_secret(), ROTATED);
+        assert_eq!(
+            file.refresh_token.as_ref().unwrap().expose_secret(),
+            ROTATED
+        );
         assert_eq!(file.access_token.unwrap().expose_secret(), "ya29.SECRET-a");
         let issued = file
             .refresh_token_issued_at
@@ -826,7 +947,10 @@ mod tests {
         let calls = fake.calls.lock().unwrap().clone();
         assert_eq!(calls[1].1, ROTATED);
         let file = store.load().unwrap();
-        assert_eq!(file.refresh_token.expose_secret(), ROTATED);
+        assert_eq!(
+            file.refresh_token.as_ref().unwrap().expose_secret(),
+            ROTATED
+        );
         assert_eq!(file.refresh_token_issued_at, Some(issued));
         assert_eq!(file.access_token.unwrap().expose_secret(), "ya29.SECRET-2");
         assert_eq!(store.mode(), Some(0o600));
@@ -1014,7 +1138,7 @@ mod tests {
 
         // `authorize` writes a new refresh token: picked up without a restart.
         let mut file = store.load().unwrap();
-        file.refresh_token = SecretString::from(RT2.to_owned());
+        file.refresh_token = Some(SecretString::from(RT2.to_owned()));
         file.last_error = None;
         store.save(&file).unwrap();
         let t = wait_generation(&h, 1).await;
@@ -1143,7 +1267,10 @@ mod tests {
         ]);
         let before = unix_now();
         let file = refresh_now(&store, &fake).await.unwrap();
-        assert_eq!(file.refresh_token.expose_secret(), ROTATED);
+        assert_eq!(
+            file.refresh_token.as_ref().unwrap().expose_secret(),
+            ROTATED
+        );
         let disk = store.load().unwrap();
         assert_eq!(disk.access_token.unwrap().expose_secret(), "ya29.SECRET-a");
         let exp = disk.expires_at.unwrap();
@@ -1161,7 +1288,10 @@ mod tests {
             disk.last_error.as_deref(),
             Some("invalid_grant: Token has been expired or revoked.")
         );
-        assert_eq!(disk.refresh_token.expose_secret(), ROTATED);
+        assert_eq!(
+            disk.refresh_token.as_ref().unwrap().expose_secret(),
+            ROTATED
+        );
     }
 
     #[test]

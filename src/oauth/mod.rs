@@ -3,6 +3,7 @@
 //! (`status`), and the lock-free `handle` senders read the current access token from.
 //! `authorize` gets the first refresh token (authorization code + PKCE), reading Google's
 //! downloaded client file through `client_json`; `device` is `authorize --device` (RFC 8628).
+//! `service_account` needs neither: a Google service account signs its own JWT assertion.
 
 pub mod authorize;
 pub mod client_json;
@@ -10,14 +11,15 @@ pub mod device;
 pub mod handle;
 pub mod manager;
 pub mod refresh;
+pub mod service_account;
 pub mod status;
 pub mod store;
 
 pub use handle::{
     token_channel, AccessToken, TokenHandle, TokenPublisher, TokenState, TokenUnavailable,
 };
-pub use manager::{refresh_now, ManagerSettings, ProviderHint, TokenManager};
-pub use refresh::{Grant, OAuth2Refresher, RefreshError, Refresher};
+pub use manager::{refresh_now, CredentialKind, ManagerSettings, ProviderHint, TokenManager};
+pub use refresh::{AccountRefresher, Grant, OAuth2Refresher, RefreshError, Refresher};
 pub use status::{status, status_with, TokenStatus};
 pub use store::{ParseError, StoreError, TokenFile, TokenStore};
 

@@ -1,8 +1,10 @@
-//! Exchanging a refresh token for an access token: the `Refresher` trait the manager is
-//! generic over (so tests use an in-memory fake), and `OAuth2Refresher`, the real one on
-//! the `oauth2` crate, which sorts the token endpoint's failures into what the manager
-//! must do about them: give up and ask for `authorize` (`InvalidGrant`), fix the client
-//! credentials (`InvalidClient`), or retry later (`Transient`).
+//! Getting a new access token: the `Refresher` trait the manager is generic over (so
+//! tests use an in-memory fake), and `OAuth2Refresher`, the real one on the `oauth2`
+//! crate — a refresh-token grant, or a client-credentials grant (Microsoft app-only) —
+//! which sorts the token endpoint's failures into what the manager must do about them:
+//! give up and ask for `authorize` (`InvalidGrant`), fix the client credentials
+//! (`InvalidClient`), or retry later (`Transient`). The JWT bearer grant of Google
+//! service accounts is `service_account`, sharing this module's error sorting.
 
 use std::{
     fmt,
@@ -16,7 +18,7 @@ use std::{
 use oauth2::{
     basic::{BasicClient, BasicErrorResponseType},
     AsyncHttpClient, ClientId, ClientSecret, EndpointNotSet, EndpointSet, HttpClientError,
-    HttpRequest, HttpResponse, RefreshToken, RequestTokenError, TokenResponse, TokenUrl,
+    HttpRequest, HttpResponse, RefreshToken, RequestTokenError, Scope, TokenResponse, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -73,18 +75,19 @@ impl RefreshError {
     }
 }
 
-/// Exchanges a refresh token for an access token.
+/// Gets a new access token, with the token file's refresh token when the grant uses one
+/// (`None` when the file has none).
 pub trait Refresher: Send + Sync + 'static {
     fn refresh(
         &self,
-        refresh_token: &SecretString,
+        refresh_token: Option<&SecretString>,
     ) -> impl Future<Output = Result<Grant, RefreshError>> + Send;
 }
 
 impl<R: Refresher> Refresher for std::sync::Arc<R> {
     fn refresh(
         &self,
-        refresh_token: &SecretString,
+        refresh_token: Option<&SecretString>,
     ) -> impl Future<Output = Result<Grant, RefreshError>> + Send {
         (**self).refresh(refresh_token)
     }
@@ -93,10 +96,13 @@ impl<R: Refresher> Refresher for std::sync::Arc<R> {
 type TokenClient =
     BasicClient<EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
 
-/// The real refresher: `grant_type=refresh_token` against the provider's token URL.
+/// The real refresher: `grant_type=refresh_token` (or `client_credentials`) against the
+/// provider's token URL.
 pub struct OAuth2Refresher {
     client: TokenClient,
     http: reqwest::Client,
+    /// `Some(scopes)`: the client-credentials grant (no refresh token, no user).
+    client_credentials: Option<Vec<String>>,
 }
 
 impl fmt::Debug for OAuth2Refresher {
@@ -124,15 +130,37 @@ impl OAuth2Refresher {
         if let Some(secret) = client_secret {
             client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()));
         }
-        let http = reqwest::Client::builder()
-            // oauth2 5: following redirects would expose the credentials to SSRF.
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| OAuthError::HttpClient(error_chain(&e)))?;
-        Ok(OAuth2Refresher { client, http })
+        Ok(OAuth2Refresher {
+            client,
+            http: http_client()?,
+            client_credentials: None,
+        })
     }
+
+    /// The client-credentials grant (RFC 6749 4.4; Microsoft 365 app-only access):
+    /// client id + secret buy a token for `scopes`, e.g.
+    /// `https://outlook.office365.com/.default`.
+    pub fn client_credentials(
+        client_id: String,
+        client_secret: SecretString,
+        token_url: String,
+        scopes: Vec<String>,
+    ) -> Result<Self, OAuthError> {
+        let mut r = OAuth2Refresher::new(client_id, Some(client_secret), token_url)?;
+        r.client_credentials = Some(scopes);
+        Ok(r)
+    }
+}
+
+/// The HTTP client for token endpoints: no redirects, bounded time.
+pub(crate) fn http_client() -> Result<reqwest::Client, OAuthError> {
+    reqwest::Client::builder()
+        // oauth2 5: following redirects would expose the credentials to SSRF.
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(REQUEST_TIMEOUT)
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| OAuthError::HttpClient(error_chain(&e)))
 }
 
 /// Checks a token URL: https, or http only for 127.0.0.1 / ::1 / localhost.
@@ -195,27 +223,99 @@ impl<'c> AsyncHttpClient<'c> for StatusRecorder<'_> {
 }
 
 impl Refresher for OAuth2Refresher {
-    async fn refresh(&self, refresh_token: &SecretString) -> Result<Grant, RefreshError> {
+    async fn refresh(&self, refresh_token: Option<&SecretString>) -> Result<Grant, RefreshError> {
         let http = StatusRecorder {
             inner: &self.http,
             status: AtomicU16::new(0),
         };
-        let token = RefreshToken::new(refresh_token.expose_secret().to_owned());
-        let result = self
-            .client
-            .exchange_refresh_token(&token)
-            .request_async(&http)
-            .await;
+        let result = match (&self.client_credentials, refresh_token) {
+            (Some(scopes), _) => {
+                self.client
+                    .exchange_client_credentials()
+                    .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())))
+                    .request_async(&http)
+                    .await
+            }
+            (None, Some(rt)) => {
+                let token = RefreshToken::new(rt.expose_secret().to_owned());
+                self.client
+                    .exchange_refresh_token(&token)
+                    .request_async(&http)
+                    .await
+            }
+            (None, None) => {
+                return Err(RefreshError::InvalidGrant {
+                    description: "the token file holds no refresh token".into(),
+                })
+            }
+        };
         let status = http.status.load(Ordering::Relaxed);
         match result {
-            Ok(reply) => Ok(Grant {
-                access_token: SecretString::from(reply.access_token().secret().to_owned()),
-                expires_in: reply.expires_in().unwrap_or(DEFAULT_EXPIRES_IN),
-                refresh_token: reply
-                    .refresh_token()
-                    .map(|t| SecretString::from(t.secret().to_owned())),
-            }),
+            Ok(reply) => Ok(grant_from(&reply)),
             Err(e) => Err(classify(e, status)),
+        }
+    }
+}
+
+fn grant_from(reply: &impl TokenResponse) -> Grant {
+    Grant {
+        access_token: SecretString::from(reply.access_token().secret().to_owned()),
+        expires_in: reply.expires_in().unwrap_or(DEFAULT_EXPIRES_IN),
+        refresh_token: reply
+            .refresh_token()
+            .map(|t| SecretString::from(t.secret().to_owned())),
+    }
+}
+
+/// Sorts a token endpoint's raw reply like `classify` does, for grants the `oauth2`
+/// crate has no request for (the JWT bearer grant). Never shows the body.
+pub(crate) fn classify_reply(status: u16, body: &[u8]) -> Result<Grant, RefreshError> {
+    if (200..300).contains(&status) {
+        return match serde_json::from_slice::<oauth2::basic::BasicTokenResponse>(body) {
+            Ok(reply) => Ok(grant_from(&reply)),
+            Err(e) => Err(RefreshError::Other {
+                detail: format!(
+                    "cannot understand the token endpoint's reply (HTTP {status}): {} (line {}, column {})",
+                    match e.classify() {
+                        serde_json::error::Category::Data => "unexpected or missing value",
+                        serde_json::error::Category::Eof => "truncated JSON",
+                        _ => "not JSON",
+                    },
+                    e.line(),
+                    e.column()
+                ),
+            }),
+        };
+    }
+    Err(
+        match serde_json::from_slice::<oauth2::basic::BasicErrorResponse>(body) {
+            Ok(reply) => classify(RequestTokenError::ServerResponse(reply), status),
+            Err(_) if retryable_status(status) => RefreshError::Transient {
+                detail: format!("HTTP {status} from the token endpoint"),
+            },
+            Err(_) => RefreshError::Other {
+                detail: format!(
+                    "HTTP {status} from the token endpoint, without an OAuth error in the reply"
+                ),
+            },
+        },
+    )
+}
+
+/// The refresher of one configured account, whichever grant it uses.
+#[derive(Debug)]
+pub enum AccountRefresher {
+    /// Refresh token or client credentials.
+    OAuth2(Box<OAuth2Refresher>),
+    /// A Google service account's JWT bearer grant.
+    ServiceAccount(super::service_account::ServiceAccountRefresher),
+}
+
+impl Refresher for AccountRefresher {
+    async fn refresh(&self, refresh_token: Option<&SecretString>) -> Result<Grant, RefreshError> {
+        match self {
+            AccountRefresher::OAuth2(r) => r.refresh(refresh_token).await,
+            AccountRefresher::ServiceAccount(r) => r.refresh(refresh_token).await,
         }
     }
 }
@@ -237,7 +337,7 @@ pub(crate) fn one_line(s: &str, max: usize) -> String {
     out.trim().to_owned()
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {
@@ -399,7 +499,7 @@ mod tests {
     ) -> Result<Grant, RefreshError> {
         let (url, _) = endpoint(status, body, ctype).await;
         refresher(url)
-            .refresh(&SecretString::from(RT.to_owned()))
+            .refresh(Some(&SecretString::from(RT.to_owned())))
             .await
     }
 
@@ -412,7 +512,7 @@ mod tests {
         )
         .await;
         let g = refresher(url)
-            .refresh(&SecretString::from(RT.to_owned()))
+            .refresh(Some(&SecretString::from(RT.to_owned())))
             .await
             .unwrap();
         assert_eq!(g.access_token.expose_secret(), AT);
@@ -503,7 +603,7 @@ mod tests {
         let url = format!("http://{}/token", l.local_addr().unwrap());
         drop(l);
         let e = refresher(url)
-            .refresh(&SecretString::from(RT.to_owned()))
+            .refresh(Some(&SecretString::from(RT.to_owned())))
             .await
             .unwrap_err();
         assert!(e.is_transient(), "{e:?}");

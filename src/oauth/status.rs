@@ -4,7 +4,11 @@
 
 use std::{fmt, path::PathBuf};
 
-use super::{manager::ProviderHint, store::TokenStore, OAuthError};
+use super::{
+    manager::{CredentialKind, ProviderHint},
+    store::TokenStore,
+    OAuthError,
+};
 
 /// Google refresh tokens of an External app in Testing die after 7 days: warn a day early.
 const GOOGLE_TESTING_WARN_AFTER: u64 = 6 * 86_400;
@@ -14,6 +18,8 @@ const GOOGLE_TESTING_LIFETIME: u64 = 7 * 86_400;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TokenStatus {
     pub path: PathBuf,
+    /// How the account gets tokens: "refresh_token", "service_account", "client_credentials".
+    pub credential: &'static str,
     /// The time the report was made for, unix seconds.
     pub now_unix: u64,
     pub has_access_token: bool,
@@ -69,7 +75,12 @@ impl TokenStatus {
 
 /// `token status` for a Google account (the 7-day warning is worded for Google).
 pub fn status(store: &TokenStore, now_unix: u64) -> Result<TokenStatus, OAuthError> {
-    status_with(store, now_unix, ProviderHint::Gmail)
+    status_with(
+        store,
+        now_unix,
+        ProviderHint::Gmail,
+        CredentialKind::RefreshToken,
+    )
 }
 
 /// `token status`; `hint` decides provider-specific warnings.
@@ -77,10 +88,12 @@ pub fn status_with(
     store: &TokenStore,
     now_unix: u64,
     hint: ProviderHint,
+    kind: CredentialKind,
 ) -> Result<TokenStatus, OAuthError> {
     let file = store.load()?;
     let mut s = TokenStatus {
         path: store.path().to_path_buf(),
+        credential: kind.name(),
         now_unix,
         has_access_token: file.access_token.is_some(),
         expires_at: file.expires_at,
@@ -91,7 +104,9 @@ pub fn status_with(
         warnings: Vec::new(),
     };
     if let Some(err) = &s.last_error {
-        let fix = if err.starts_with("invalid_grant") {
+        let fix = if !kind.uses_refresh_token() {
+            " — run `smtp-oauth-relay token refresh` to see the cause and the fix"
+        } else if err.starts_with("invalid_grant") {
             " — the refresh token is dead: run `smtp-oauth-relay authorize` again"
         } else if err.starts_with("invalid_client") {
             " — check client_id and client_secret in the config"
@@ -184,11 +199,23 @@ impl fmt::Display for TokenStatus {
             )?,
             None => writeln!(f, "last refresh:   never")?,
         }
-        match (self.refresh_token_issued_at, self.refresh_token_age()) {
-            (Some(t), Some(age)) => {
+        match (
+            self.credential,
+            self.refresh_token_issued_at,
+            self.refresh_token_age(),
+        ) {
+            ("refresh_token", Some(t), Some(age)) => {
                 writeln!(f, "refresh token:  issued {} ({} ago)", when(t), human(age))?
             }
-            _ => writeln!(f, "refresh token:  present, issue time unknown")?,
+            ("refresh_token", _, _) => writeln!(f, "refresh token:  present, issue time unknown")?,
+            ("service_account", _, _) => writeln!(
+                f,
+                "credential:     service account (signed assertion; no refresh token)"
+            )?,
+            (_, _, _) => writeln!(
+                f,
+                "credential:     client credentials (app-only; no refresh token)"
+            )?,
         }
         match &self.last_error {
             Some(e) => writeln!(f, "last error:     {e}")?,
@@ -209,6 +236,7 @@ mod json_tests {
     fn json_report_has_derived_fields_and_no_token() {
         let s = TokenStatus {
             path: "/var/lib/x.json".into(),
+            credential: "refresh_token",
             now_unix: 1000,
             has_access_token: true,
             expires_at: Some(1600),
@@ -308,10 +336,12 @@ mod tests {
                 .any(|w| w.contains("6 days old") && w.contains("Testing expire after 7 days")),
             "{st}"
         );
-        assert!(status_with(&s, NOW, ProviderHint::Custom)
-            .unwrap()
-            .warnings
-            .is_empty());
+        assert!(
+            status_with(&s, NOW, ProviderHint::Custom, CredentialKind::RefreshToken)
+                .unwrap()
+                .warnings
+                .is_empty()
+        );
 
         // A token that worked past its 7th day is not a Testing one.
         let (_d, s) = store(|f| {

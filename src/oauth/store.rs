@@ -1,6 +1,8 @@
 //! The token file: one JSON object per account holding the refresh token (and the last
 //! access token, its expiry and refresh bookkeeping), read with error messages that name
-//! the path and the fix, and written atomically with mode 0600.
+//! the path and the fix, and written atomically with mode 0600. Accounts that need no
+//! refresh token (service accounts, client credentials) keep the same file without one:
+//! it caches their access token and records refresh results for `token status`.
 //!
 //! Parsing goes through `serde_json::Value` and is done by hand so that no error message
 //! ever echoes a value from the file (serde's type errors quote the offending value,
@@ -17,12 +19,14 @@ use std::{
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 
-/// The contents of a token file. `{"refresh_token": "..."}` alone is a valid file.
+/// The contents of a token file. `{"refresh_token": "..."}` alone is a valid file; so is
+/// `{}` for an account that needs no refresh token.
 ///
 /// `Debug` never shows a token.
 #[derive(Clone)]
 pub struct TokenFile {
-    pub refresh_token: SecretString,
+    /// `None` only in files of accounts that need none (`TokenStore::without_refresh_token`).
+    pub refresh_token: Option<SecretString>,
     pub access_token: Option<SecretString>,
     /// When `access_token` expires, unix seconds.
     pub expires_at: Option<u64>,
@@ -40,7 +44,15 @@ impl TokenFile {
     /// A file holding only a refresh token.
     pub fn new(refresh_token: SecretString) -> Self {
         TokenFile {
-            refresh_token,
+            refresh_token: Some(refresh_token),
+            ..TokenFile::empty()
+        }
+    }
+
+    /// A file with nothing in it yet (an account that needs no refresh token).
+    pub fn empty() -> Self {
+        TokenFile {
+            refresh_token: None,
             access_token: None,
             expires_at: None,
             last_refresh_at: None,
@@ -69,8 +81,8 @@ impl TokenFile {
             return Err(ParseError::NotAnObject);
         };
         let refresh_token = match map.remove("refresh_token") {
-            None | Some(Value::Null) => return Err(ParseError::MissingRefreshToken),
-            Some(Value::String(s)) if !s.trim().is_empty() => SecretString::from(s),
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if !s.trim().is_empty() => Some(SecretString::from(s)),
             Some(_) => {
                 return Err(ParseError::BadValue {
                     key: "refresh_token",
@@ -101,10 +113,12 @@ impl TokenFile {
     /// The file as a JSON object (holds the secrets in clear: for writing the file only).
     pub fn to_value(&self) -> Value {
         let mut map = self.extra.clone();
-        map.insert(
-            "refresh_token".into(),
-            Value::String(self.refresh_token.expose_secret().to_owned()),
-        );
+        if let Some(t) = &self.refresh_token {
+            map.insert(
+                "refresh_token".into(),
+                Value::String(t.expose_secret().to_owned()),
+            );
+        }
         if let Some(t) = &self.access_token {
             map.insert(
                 "access_token".into(),
@@ -171,7 +185,10 @@ fn take_u64(map: &mut Map<String, Value>, key: &'static str) -> Result<Option<u6
 impl fmt::Debug for TokenFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenFile")
-            .field("refresh_token", &"[redacted]")
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "[redacted]"),
+            )
             .field(
                 "access_token",
                 &self.access_token.as_ref().map(|_| "[redacted]"),
@@ -216,7 +233,7 @@ pub enum StoreError {
     Read { path: PathBuf, source: io::Error },
     #[error("token file {path} is invalid: {source}; fix it or run `smtp-oauth-relay authorize …` again")]
     Invalid { path: PathBuf, source: ParseError },
-    #[error("token file {path} is readable by group or others (mode {mode:04o}); it holds a refresh token: run `chmod 600 {path}` (owned by the user the relay runs as)")]
+    #[error("token file {path} is readable by group or others (mode {mode:04o}); it holds OAuth tokens: run `chmod 600 {path}` (owned by the user the relay runs as)")]
     TooOpen { path: PathBuf, mode: u32 },
     #[error("cannot write token file {path}: {source}{hint}")]
     Write {
@@ -230,11 +247,33 @@ pub enum StoreError {
 #[derive(Debug, Clone)]
 pub struct TokenStore {
     path: PathBuf,
+    /// The file must hold a refresh token (and exist): accounts that `authorize`.
+    needs_refresh_token: bool,
 }
 
 impl TokenStore {
+    /// The store of an account that refreshes with a stored refresh token: `load` fails
+    /// when the file is missing or has none.
     pub fn new(path: PathBuf) -> Self {
-        TokenStore { path }
+        TokenStore {
+            path,
+            needs_refresh_token: true,
+        }
+    }
+
+    /// The store of an account that gets tokens without a refresh token (service
+    /// account, client credentials): a missing file loads as an empty one and is
+    /// created by the first save.
+    pub fn without_refresh_token(path: PathBuf) -> Self {
+        TokenStore {
+            path,
+            needs_refresh_token: false,
+        }
+    }
+
+    /// Whether this account's file holds a refresh token.
+    pub fn needs_refresh_token(&self) -> bool {
+        self.needs_refresh_token
     }
 
     pub fn path(&self) -> &Path {
@@ -242,7 +281,13 @@ impl TokenStore {
     }
 
     pub fn load(&self) -> Result<TokenFile, StoreError> {
-        let bytes = fs::read(&self.path).map_err(|source| match source.kind() {
+        let bytes = match fs::read(&self.path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !self.needs_refresh_token => {
+                return Ok(TokenFile::empty())
+            }
+            other => other,
+        };
+        let bytes = bytes.map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => StoreError::Missing {
                 path: self.path.clone(),
             },
@@ -254,10 +299,17 @@ impl TokenStore {
                 source,
             },
         })?;
-        TokenFile::from_json(&bytes).map_err(|source| StoreError::Invalid {
+        let file = TokenFile::from_json(&bytes).map_err(|source| StoreError::Invalid {
             path: self.path.clone(),
             source,
-        })
+        })?;
+        if self.needs_refresh_token && file.refresh_token.is_none() {
+            return Err(StoreError::Invalid {
+                path: self.path.clone(),
+                source: ParseError::MissingRefreshToken,
+            });
+        }
+        Ok(file)
     }
 
     /// Writes `file` atomically: a new temp file (mode 0600) in the same directory,
@@ -368,7 +420,7 @@ mod tests {
         let (_d, s) = store();
         fs::write(s.path(), format!(r#"{{"refresh_token": "{RT}"}}"#)).unwrap();
         let f = s.load().unwrap();
-        assert_eq!(f.refresh_token.expose_secret(), RT);
+        assert_eq!(f.refresh_token.as_ref().unwrap().expose_secret(), RT);
         assert!(f.access_token.is_none() && f.expires_at.is_none() && f.last_error.is_none());
     }
 

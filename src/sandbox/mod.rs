@@ -20,12 +20,14 @@
 //! Files: `ca.rs` (generated CA and server certificate), `smtp.rs` (fake Gmail),
 //! `token.rs` (fake token endpoint), `authorize.rs` (fake authorization endpoint and the
 //! code + PKCE exchange, for `authorize`), `device.rs` (fake device authorization endpoint,
-//! for `authorize --device`); this file holds the options, the shared state and the
+//! for `authorize --device`), `service.rs` (Google service-account JWT bearer grant and
+//! Microsoft client credentials); this file holds the options, the shared state and the
 //! control handle.
 
 mod authorize;
 mod ca;
 mod device;
+mod service;
 mod smtp;
 mod token;
 
@@ -180,6 +182,8 @@ impl Sandbox {
             token_stats: TokenCounters::default(),
             authz: Mutex::default(),
             device: Mutex::default(),
+            service: Mutex::default(),
+            token_url: format!("http://{token_addr}/token"),
         });
 
         let tls = ca::server_config(&certs)?;
@@ -189,7 +193,7 @@ impl Sandbox {
         tracing::debug!(%smtp_addr, %token_addr, "sandbox: started");
         Ok(Sandbox {
             smtp_addr,
-            token_url: format!("http://{token_addr}/token"),
+            token_url: shared.token_url.clone(),
             auth_url: format!("http://{token_addr}/auth"),
             device_auth_url: format!("http://{token_addr}/devicecode"),
             ca_pem: certs.ca_pem.clone(),
@@ -389,6 +393,26 @@ impl SandboxControl {
         lock(&self.shared.tokens).newest_refresh.clone()
     }
 
+    /// The key file of the sandbox's Google service account (`service_account_json`),
+    /// allowed domain-wide delegation of the Gmail scope for the sandbox user. The
+    /// account and its RSA key are created on the first call; later calls return the
+    /// same key until [`SandboxControl::delete_service_account_key`].
+    pub fn service_account_json(&self) -> std::io::Result<String> {
+        service::key_file_json(&self.shared, &self.shared.token_url)
+    }
+
+    /// The service account's key is deleted in the console: its assertions get
+    /// `invalid_grant` "Invalid JWT Signature."; the next `service_account_json` is a new key.
+    pub fn delete_service_account_key(&self) {
+        service::delete_key(&self.shared);
+    }
+
+    /// A Workspace admin allows (`true`, the default) or removes the service account's
+    /// domain-wide delegation; without it assertions get `401 unauthorized_client`.
+    pub fn set_domain_wide_delegation(&self, allowed: bool) {
+        service::set_delegation(&self.shared, allowed);
+    }
+
     /// `expires_in` of access tokens issued from now on.
     pub fn set_token_lifetime(&self, d: Duration) {
         lock(&self.shared.tokens).lifetime = d;
@@ -484,6 +508,10 @@ pub(crate) struct Shared {
     pub(crate) authz: Mutex<authorize::AuthzState>,
     /// The fake device authorization server (`device.rs`).
     pub(crate) device: Mutex<device::DeviceState>,
+    /// The service account and app-only grants (`service.rs`).
+    pub(crate) service: Mutex<service::ServiceState>,
+    /// `http://127.0.0.1:PORT/token`.
+    pub(crate) token_url: String,
 }
 
 impl Shared {

@@ -106,6 +106,21 @@ async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byte
 
     let form = parse_form(&body);
 
+    // `service.rs`: grants without a user's refresh token, with their own client checks.
+    match form.get("grant_type").map(String::as_str) {
+        Some(super::service::JWT_BEARER_GRANT) => {
+            return super::service::jwt_bearer_grant(&shared, &form)
+        }
+        Some("client_credentials") => {
+            let basic = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_basic);
+            return super::service::client_credentials_grant(&shared, &form, basic);
+        }
+        _ => {}
+    }
+
     // Client authentication: HTTP Basic or form fields (not conflicting ones).
     let basic = headers
         .get(header::AUTHORIZATION)
@@ -178,11 +193,7 @@ fn refresh_grant(shared: &Shared, refresh: &str) -> Response {
         );
     };
 
-    let now = Instant::now();
-    t.access.retain(|_, expiry| *expiry > now);
-    let access = format!("ya29.sandbox-{}", random_string(64));
-    let lifetime = t.lifetime;
-    t.access.insert(access.clone(), now + lifetime);
+    let (access, lifetime) = mint_access_token(&mut t, "ya29.sandbox-");
 
     let mut body = json!({
         "access_token": access,
@@ -200,6 +211,19 @@ fn refresh_grant(shared: &Shared, refresh: &str) -> Response {
     drop(t);
     stats.tokens_issued.fetch_add(1, Ordering::Relaxed);
     json_response(StatusCode::OK, body)
+}
+
+/// A new access token valid for the configured lifetime (expired ones are forgotten).
+pub(super) fn mint_access_token(
+    t: &mut super::TokenState,
+    prefix: &str,
+) -> (String, std::time::Duration) {
+    let now = Instant::now();
+    t.access.retain(|_, expiry| *expiry > now);
+    let access = format!("{prefix}{}", random_string(64));
+    let lifetime = t.lifetime;
+    t.access.insert(access.clone(), now + lifetime);
+    (access, lifetime)
 }
 
 /// `Authorization: Basic base64(urlencode(id) ":" urlencode(secret))` (RFC 6749 2.3.1).

@@ -243,7 +243,7 @@ pub struct AuthHint {
 pub fn auth_failure_hint(reply: &Reply) -> Option<AuthHint> {
     match (reply.code, reply.esc) {
         (535, Some([5, 7, 3])) => Some(AuthHint {
-            full: "535 5.7.3 usually means SMTP AUTH is disabled for this mailbox or tenant: enable \"Authenticated SMTP\" for the mailbox (Microsoft 365 admin center > Users > Active users > the user > Mail > Manage email apps), and check that the tenant does not disable it (Exchange Online PowerShell: Set-TransportConfig -SmtpClientAuthenticationDisabled $false) and that Security defaults do not block it; the token also needs the SMTP.Send permission",
+            full: "535 5.7.3 usually means SMTP AUTH is disabled for this mailbox or tenant: enable \"Authenticated SMTP\" for the mailbox (Microsoft 365 admin center > Users > Active users > the user > Mail > Manage email apps), and check that the tenant does not disable it (Exchange Online PowerShell: Set-TransportConfig -SmtpClientAuthenticationDisabled $false) and that Security defaults do not block it; the token also needs the SMTP.Send permission (app-only tokens: SMTP.SendAsApp, and the app's service principal registered in Exchange Online with New-ServicePrincipal and given the mailbox with Add-MailboxPermission)",
             short: "SMTP AUTH may be disabled for the mailbox or tenant: enable Authenticated SMTP in the Microsoft 365 admin center",
         }),
         _ => None,
