@@ -2,7 +2,11 @@
 //! provider: reqwest plays the browser (GET the printed sign-in URL, follow the 302 to
 //! the loopback listener, or copy the redirected URL and paste it), and we check what a
 //! user sees: the token file on disk (0600, a refresh token the token endpoint accepts),
-//! the messages, the browser page, and that no secret is ever printed.
+//! the messages, the browser page, and that no secret is ever printed. The same against
+//! the sandbox playing Microsoft's v2.0 endpoints (provider "microsoft"), through to a
+//! message the relay delivers with the new token.
+
+mod support;
 
 use std::{
     io::Write,
@@ -387,10 +391,17 @@ async fn paste_run(
     extra: &str,
     tamper: fn(String) -> String,
 ) -> (Result<Authorized, AuthorizeError>, String) {
-    let cfg = config(dir, sb, extra);
+    paste_run_with(config(dir, sb, extra), sb.auth_url.clone(), tamper).await
+}
+
+/// `paste_run` for any config whose sign-in URL starts with `auth_url`.
+async fn paste_run_with(
+    cfg: Config,
+    auth_url: String,
+    tamper: fn(String) -> String,
+) -> (Result<Authorized, AuthorizeError>, String) {
     let (screen, mut lines) = Screen::new();
     let (mut stdin, mut input) = paste_pipe();
-    let auth_url = sb.auth_url.clone();
     tokio::spawn(async move {
         let back = redirected_to(&printed_url(&mut lines, &auth_url).await).await;
         stdin
@@ -683,4 +694,392 @@ async fn sandbox_codes_are_single_use_and_bound_to_redirect_and_verifier() {
     let (s, body) = exchange(&sb, &code, redirect, &verifier).await;
     assert_eq!(s, 200, "{body}");
     assert!(body.get("refresh_token").is_none(), "{body}");
+}
+
+// ---- Microsoft 365: the sandbox playing Microsoft's v2.0 endpoints ------------------
+
+/// The tenant in the sandbox's Microsoft URLs (any is accepted).
+const TENANT: &str = "contoso.onmicrosoft.com";
+const SMTP_SEND: &str = "https://outlook.office.com/SMTP.Send";
+
+/// A provider "microsoft" account whose endpoints are the sandbox's Microsoft ones.
+fn microsoft_config(dir: &Path, sb: &Sandbox, extra: &str) -> Config {
+    let text = format!(
+        "[[account]]\nname = \"m365\"\nprovider = \"microsoft\"\ntenant = {TENANT:?}\nusername = {:?}\n\
+         client_id = {:?}\nclient_secret = {:?}\nauth_url = {:?}\ntoken_url = {:?}\n\
+         token_file = \"tokens/sandbox.json\"\n{extra}",
+        sb.username,
+        sb.client_id,
+        sb.client_secret,
+        sb.microsoft_url(TENANT, "authorize"),
+        sb.microsoft_url(TENANT, "token"),
+    );
+    Config::from_toml(&text, &dir.join("config.toml")).unwrap()
+}
+
+/// A browser for `Browser::Custom`: GETs the sign-in URL and follows the redirect to the
+/// loopback listener.
+fn follow_redirects() -> Browser {
+    Browser::Custom(Arc::new(|url: &str| {
+        let url = url.to_owned();
+        drop(tokio::spawn(async move { reqwest::get(url).await.ok() }));
+    }))
+}
+
+fn file_refresh_token(path: &Path) -> String {
+    let file = TokenStore::new(path.to_owned()).load().unwrap();
+    file.refresh_token
+        .as_ref()
+        .unwrap()
+        .expose_secret()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microsoft_code_flow_then_the_relay_delivers_and_keeps_the_rotated_token() {
+    use support::{message, strip_received, Client, Harness, Setup};
+    // Access tokens live less than the 600 s Microsoft margin: the relay refreshes at once.
+    let mut h = Harness::start(Setup {
+        provider: "microsoft",
+        refresh_margin_secs: 600,
+        token_lifetime: Duration::from_secs(599),
+        ..Setup::default()
+    })
+    .await;
+    h.daemon.take().unwrap().shutdown().await;
+    // The relay's account, now with the sandbox's Microsoft endpoints and a tenant.
+    let sb = &h.sandbox;
+    let (ms_auth, ms_token) = (
+        sb.microsoft_url(TENANT, "authorize"),
+        sb.microsoft_url(TENANT, "token"),
+    );
+    let text = h.config_text.replace(
+        &format!("token_url = \"{}\"\n", sb.token_url),
+        &format!("token_url = \"{ms_token}\"\nauth_url = \"{ms_auth}\"\ntenant = \"{TENANT}\"\n"),
+    );
+    assert_ne!(text, h.config_text);
+    std::fs::write(h.config_path(), &text).unwrap();
+    let cfg = Config::load(&h.config_path()).unwrap();
+
+    let opts = AuthorizeOptions {
+        browser: follow_redirects(),
+        ..AuthorizeOptions::default()
+    };
+    let (_stdin, mut input) = paste_pipe();
+    let (screen, _lines) = Screen::new();
+    let done = run_with(&cfg, Some("sandbox"), opts, &mut input, &mut screen.clone())
+        .await
+        .unwrap();
+    assert_eq!(done.token_file, h.token_file);
+    let mode = std::fs::metadata(&h.token_file)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let authorized = file_refresh_token(&h.token_file);
+    assert_eq!(authorized, sb.control.current_refresh_token());
+    assert_ne!(
+        authorized, sb.refresh_token,
+        "a new refresh token was saved"
+    );
+    let asked = sb.control.last_authorization_request().unwrap();
+    assert_eq!(asked["scope"], format!("{SMTP_SEND} offline_access"));
+    assert_eq!(asked["login_hint"], sb.username);
+    assert_eq!(asked["code_challenge_method"], "S256");
+    assert!(!asked.contains_key("access_type"), "{asked:?}");
+    let shown = screen.text();
+    assert!(shown.contains("Saved a new refresh token"), "{shown}");
+    assert!(shown.contains("AADSTS50011"), "{shown}");
+    assert!(!shown.contains("7 days"), "Google's note: {shown}");
+
+    // The relay refreshes at Microsoft's token endpoint, which returns a new refresh
+    // token: it is saved before the access token is used.
+    h.restart().await;
+    h.token_ready().await;
+    let rotated = file_refresh_token(&h.token_file);
+    assert_ne!(rotated, authorized, "the refresh token was rotated");
+    assert_eq!(rotated, h.control().current_refresh_token());
+    let mode = std::fs::metadata(&h.token_file)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let mut c = Client::ehlo(h.addr).await;
+    let data = message("m365-code-flow", "sent with the authorized account\r\n");
+    let r = c
+        .send_mail("app@example.com", &["you@example.com"], &data)
+        .await;
+    assert_eq!(r.code, 250, "{r}");
+    let msgs = h
+        .control()
+        .wait_for_messages(1, Duration::from_secs(10))
+        .await;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].auth_user, h.sandbox.username);
+    assert_eq!(strip_received(&msgs[0].data), &data[..]);
+
+    let printed = format!("{shown}\n{}", support::logs());
+    for secret in [&authorized, &rotated, &h.sandbox.client_secret] {
+        assert!(!printed.contains(secret.as_str()), "a secret was printed");
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn microsoft_without_offline_access_gets_no_refresh_token() {
+    let sb = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = microsoft_config(dir.path(), &sb, &format!("scopes = [{SMTP_SEND:?}]\n"));
+    let (r, _) = paste_run_with(cfg, sb.microsoft_url(TENANT, "authorize"), |u| u).await;
+    let e = r.unwrap_err();
+    assert!(matches!(e, AuthorizeError::NoRefreshToken(_)), "{e}");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "the provider granted access but returned no refresh token, so the relay could not renew it and nothing was saved: \
+             Microsoft returns a refresh token only when the scope \"offline_access\" is requested, and this run asked for \"{SMTP_SEND}\": \
+             add \"offline_access\" to `scopes` of account \"m365\" (or remove `scopes` to use the default, \
+             \"{SMTP_SEND} offline_access\") and run `authorize` again"
+        )
+    );
+    assert!(!dir.path().join("tokens/sandbox.json").exists());
+}
+
+#[tokio::test]
+async fn microsoft_refuses_a_gmail_scope_with_aadsts70011() {
+    let sb = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = microsoft_config(
+        dir.path(),
+        &sb,
+        "scopes = [\"https://mail.google.com/\", \"offline_access\"]\n",
+    );
+    let (r, _) = paste_run_with(cfg, sb.microsoft_url(TENANT, "authorize"), |u| u).await;
+    let e = r.unwrap_err();
+    assert!(matches!(e, AuthorizeError::Denied(_)), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "the provider refused the authorization (invalid_scope: AADSTS70011: The provided value for the input parameter 'scope' is not valid. \
+         The scope 'https://mail.google.com/' is not valid.): the provider does not accept the scopes \
+         [\"https://mail.google.com/\", \"offline_access\"]: fix `scopes` for account \"m365\" \
+         (Microsoft 365's SMTP needs \"https://outlook.office.com/SMTP.Send\" and \"offline_access\"; remove `scopes` to use them); \
+         nothing was saved"
+    );
+    assert!(!dir.path().join("tokens/sandbox.json").exists());
+}
+
+#[tokio::test]
+async fn microsoft_unknown_code_reads_cleanly() {
+    let sb = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = microsoft_config(dir.path(), &sb, "");
+    let (r, _) = paste_run_with(cfg, sb.microsoft_url(TENANT, "authorize"), |u| {
+        let u = reqwest::Url::parse(&u).unwrap();
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| match k.as_ref() {
+                "code" => (k.into_owned(), "1.AQsandbox-not-issued".to_owned()),
+                _ => (k.into_owned(), v.into_owned()),
+            })
+            .collect();
+        let mut u = u.clone();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+        u.to_string()
+    })
+    .await;
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.starts_with(
+            "the token endpoint refused the authorization code (invalid_grant: AADSTS70000: \
+             The provided value for the 'code' parameter is not valid.). Codes are single-use"
+        ),
+        "{e}"
+    );
+    assert!(!e.contains("Trace ID"), "{e}");
+}
+
+/// A `/authorize` URL for the sandbox's Microsoft endpoint, and its verifier.
+fn microsoft_auth_request(sb: &Sandbox, redirect: &str, scope: &str) -> (String, String) {
+    let verifier = "m".repeat(50);
+    let challenge = oauth2::PkceCodeChallenge::from_code_verifier_sha256(
+        &oauth2::PkceCodeVerifier::new(verifier.clone()),
+    );
+    let mut url = reqwest::Url::parse(&sb.microsoft_url(TENANT, "authorize")).unwrap();
+    url.query_pairs_mut()
+        .append_pair("response_type", "code")
+        .append_pair("client_id", &sb.client_id)
+        .append_pair("redirect_uri", redirect)
+        .append_pair("scope", scope)
+        .append_pair("state", "s1")
+        .append_pair("code_challenge", challenge.as_str())
+        .append_pair("code_challenge_method", "S256")
+        // Google-only: ignored.
+        .append_pair("access_type", "offline");
+    (url.to_string(), verifier)
+}
+
+async fn microsoft_exchange(
+    sb: &Sandbox,
+    code: &str,
+    redirect: &str,
+    verifier: &str,
+) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(sb.microsoft_url(TENANT, "token"))
+        .basic_auth(&sb.client_id, Some(&sb.client_secret))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", redirect),
+            ("code_verifier", verifier),
+            ("scope", &format!("{SMTP_SEND} offline_access")),
+        ])
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// Microsoft's error shape: `error`, an AADSTS description with its trailer lines,
+/// `error_codes`, `timestamp`, `trace_id`, `correlation_id`.
+fn assert_microsoft_error(body: &serde_json::Value, error: &str, code: u64) {
+    assert_eq!(body["error"], error, "{body}");
+    let d = body["error_description"].as_str().unwrap();
+    assert!(d.starts_with(&format!("AADSTS{code}: ")), "{body}");
+    assert!(
+        d.contains("\r\nTrace ID: ")
+            && d.contains("\r\nCorrelation ID: ")
+            && d.contains("\r\nTimestamp: "),
+        "{body}"
+    );
+    assert_eq!(body["error_codes"], serde_json::json!([code]), "{body}");
+    for key in ["timestamp", "trace_id", "correlation_id"] {
+        assert!(
+            body[key].as_str().is_some_and(|v| !v.is_empty()),
+            "{key}: {body}"
+        );
+    }
+    assert!(d.contains(body["trace_id"].as_str().unwrap()), "{body}");
+}
+
+#[tokio::test]
+async fn sandbox_plays_microsofts_v2_endpoints() {
+    let sb = sandbox().await;
+    let redirect = "http://127.0.0.1:4567/";
+    let scopes = format!("{SMTP_SEND} offline_access");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let query = |location: &str| -> std::collections::HashMap<String, String> {
+        reqwest::Url::parse(location)
+            .unwrap()
+            .query_pairs()
+            .into_owned()
+            .collect()
+    };
+
+    // A redirect URI the app does not allow: Microsoft's page, no redirect.
+    let (url, _) = microsoft_auth_request(&sb, "https://evil.example/cb", &scopes);
+    let r = http.get(url).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("AADSTS50011: The redirect URI 'https://evil.example/cb' specified in the request does not match"),
+        "{page}"
+    );
+    // Google's scope: sent back to the redirect URI as invalid_scope / AADSTS70011.
+    let (url, _) = microsoft_auth_request(&sb, redirect, "https://mail.google.com/ offline_access");
+    let back = query(&redirected_to(&url).await);
+    assert_eq!(back["error"], "invalid_scope");
+    assert_eq!(back["state"], "s1");
+    assert!(
+        back["error_description"].starts_with(
+            "AADSTS70011: The provided value for the input parameter 'scope' is not valid."
+        ) && back["error_description"].contains("\r\nTrace ID: "),
+        "{back:?}"
+    );
+    // The user declines consent.
+    sb.control.deny_next_authorizations(1);
+    let (url, _) = microsoft_auth_request(&sb, redirect, &scopes);
+    let back = query(&redirected_to(&url).await);
+    assert_eq!(back["error"], "access_denied");
+    assert!(
+        back["error_description"].starts_with("AADSTS65004: "),
+        "{back:?}"
+    );
+
+    // Wrong code_verifier: AADSTS501481, and the code is spent (AADSTS54005).
+    let (url, verifier) = microsoft_auth_request(&sb, redirect, &scopes);
+    let back = query(&redirected_to(&url).await);
+    assert!(
+        back.contains_key("session_state") && !back.contains_key("scope"),
+        "{back:?}"
+    );
+    let code = back["code"].clone();
+    let (s, body) = microsoft_exchange(&sb, &code, redirect, &"w".repeat(50)).await;
+    assert_eq!(s, 400);
+    assert_microsoft_error(&body, "invalid_grant", 501481);
+    let (s, body) = microsoft_exchange(&sb, &code, redirect, &verifier).await;
+    assert_eq!(s, 400);
+    assert_microsoft_error(&body, "invalid_grant", 54005);
+    // Another redirect URI than the authorization request's.
+    let code = code_of(&redirected_to(&url).await);
+    let (s, body) = microsoft_exchange(&sb, &code, "http://127.0.0.1:4568/", &verifier).await;
+    assert_eq!(s, 400);
+    assert_microsoft_error(&body, "invalid_grant", 500112);
+
+    // The good exchange: Microsoft's reply, with a refresh token for offline_access
+    // (access_type=offline was ignored).
+    let code = code_of(&redirected_to(&url).await);
+    let (s, body) = microsoft_exchange(&sb, &code, redirect, &verifier).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["scope"], SMTP_SEND);
+    assert_eq!(body["token_type"], "Bearer");
+    assert!(body["ext_expires_in"].as_u64().is_some(), "{body}");
+    let refresh = body["refresh_token"].as_str().unwrap().to_owned();
+
+    // Without offline_access: no refresh token, even with prompt=consent.
+    let (url, verifier) = microsoft_auth_request(&sb, redirect, SMTP_SEND);
+    let code = code_of(&redirected_to(&format!("{url}&prompt=consent")).await);
+    let (s, body) = microsoft_exchange(&sb, &code, redirect, &verifier).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.get("refresh_token").is_none(), "{body}");
+
+    // A refresh returns a new refresh token; a revoked one gets AADSTS50173.
+    let refresher = OAuth2Refresher::new(
+        sb.client_id.clone(),
+        Some(SecretString::from(sb.client_secret.clone())),
+        sb.microsoft_url(TENANT, "token"),
+    )
+    .unwrap();
+    let grant = refresher
+        .refresh(Some(&SecretString::from(refresh.clone())))
+        .await
+        .unwrap();
+    let new = grant
+        .refresh_token
+        .expect("Microsoft rotates refresh tokens");
+    assert_ne!(new.expose_secret(), refresh);
+    sb.control.revoke_refresh_tokens();
+    let r = reqwest::Client::new()
+        .post(sb.microsoft_url(TENANT, "token"))
+        .basic_auth(&sb.client_id, Some(&sb.client_secret))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", &refresh)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_microsoft_error(&r.json().await.unwrap(), "invalid_grant", 50173);
+    // A wrong client secret: AADSTS7000215.
+    let r = reqwest::Client::new()
+        .post(sb.microsoft_url(TENANT, "token"))
+        .basic_auth(&sb.client_id, Some("wrong"))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", &refresh)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_microsoft_error(&r.json().await.unwrap(), "invalid_client", 7000215);
 }

@@ -237,9 +237,10 @@ pub struct AuthRequest {
     pub scopes: Vec<String>,
     /// A registered redirect URI; `None`: a loopback listener on `http://127.0.0.1:PORT/`.
     pub redirect_uri: Option<String>,
-    /// Google's `access_type=offline` + `prompt=consent` (and `login_hint`), so that a
-    /// refresh token always comes back.
-    pub google_offline: bool,
+    /// Whose sign-in this is: Gmail gets `access_type=offline` + `prompt=consent` (so that
+    /// a refresh token always comes back), Gmail and Microsoft get `login_hint`; the
+    /// error messages speak of the provider's console.
+    pub provider: Provider,
 }
 
 impl fmt::Debug for AuthRequest {
@@ -255,7 +256,7 @@ impl fmt::Debug for AuthRequest {
             .field("token_url", &self.token_url)
             .field("scopes", &self.scopes)
             .field("redirect_uri", &self.redirect_uri)
-            .field("google_offline", &self.google_offline)
+            .field("provider", &self.provider)
             .finish()
     }
 }
@@ -293,8 +294,15 @@ impl AuthRequest {
             token_url: a.token_url.clone(),
             scopes: a.scopes.clone(),
             redirect_uri: a.redirect_uri.clone(),
-            google_offline: a.provider == Provider::Gmail,
+            provider: a.provider,
         })
+    }
+
+    /// Google's `access_type=offline` + `prompt=consent`, so that a refresh token always
+    /// comes back. Microsoft gives one for the `offline_access` scope instead, and
+    /// `access_type` is not one of its parameters.
+    fn google_offline(&self) -> bool {
+        self.provider == Provider::Gmail
     }
 }
 
@@ -409,10 +417,13 @@ impl Flow {
         for scope in &req.scopes {
             request = request.add_scope(Scope::new(scope.clone()));
         }
-        if req.google_offline {
+        if req.google_offline() {
             request = request
                 .add_extra_param("access_type", "offline")
                 .add_extra_param("prompt", "consent");
+        }
+        // Both providers take `login_hint` to preselect the account to sign in as.
+        if matches!(req.provider, Provider::Gmail | Provider::Microsoft) {
             if let Some(user) = &req.username {
                 request = request.add_extra_param("login_hint", user.clone());
             }
@@ -463,13 +474,13 @@ impl Flow {
 
     fn denied(&self, error: &str, description: Option<&str>) -> AuthorizeError {
         let error = one_line(error, 60);
-        let said = match description {
-            Some(d) if !d.trim().is_empty() => format!("{error}: {}", one_line(d, 200)),
+        let said = match description.map(provider_description) {
+            Some(d) if !d.is_empty() => format!("{error}: {d}"),
             _ => error.clone(),
         };
         let user = self.req.username.as_deref().unwrap_or("the account");
         let fix = match error.as_str() {
-            "access_denied" if !self.req.google_offline => "access was not granted. Run `authorize` again and accept the permissions asked for; if the sign-in page said an administrator must approve the app, ask them to grant consent for it (for Microsoft 365: Entra admin center → App registrations → the app → API permissions → Grant admin consent)".to_owned(),
+            "access_denied" if !self.req.google_offline() => "access was not granted. Run `authorize` again and accept the permissions asked for; if the sign-in page said an administrator must approve the app, ask them to grant consent for it (for Microsoft 365: Entra admin center → App registrations → the app → API permissions → Grant admin consent)".to_owned(),
             "access_denied" => format!(
                 "access was not granted. Run `authorize` again and click Allow (with every box ticked). If the sign-in page said the app is blocked or unverified: an External app in Testing admits only its test users (Google Cloud console → OAuth consent screen → Test users → add {user}); a Google Workspace admin may have to trust the client (Admin console → Security → API controls → Manage third-party app access → client ID {})",
                 self.req.client_id
@@ -479,11 +490,16 @@ impl Flow {
                 self.req.client_id
             ),
             "invalid_scope" => format!(
-                "the provider does not accept the scopes {:?}: fix `scopes` for account {:?} (Gmail needs \"https://mail.google.com/\")",
-                self.req.scopes, self.req.account
+                "the provider does not accept the scopes {:?}: fix `scopes` for account {:?} ({})",
+                self.req.scopes,
+                self.req.account,
+                match self.req.provider {
+                    Provider::Microsoft => "Microsoft 365's SMTP needs \"https://outlook.office.com/SMTP.Send\" and \"offline_access\"; remove `scopes` to use them",
+                    _ => "Gmail needs \"https://mail.google.com/\"",
+                }
             ),
             "unauthorized_client" => "this client may not use the authorization-code flow: use an OAuth client of type \"Desktop app\" (or \"Web application\" with redirect_uri)".to_owned(),
-            "redirect_uri_mismatch" => redirect_mismatch_fix(&self.redirect_uri),
+            "redirect_uri_mismatch" => redirect_mismatch_fix(&self.req, &self.redirect_uri),
             _ => "run `authorize` again; if it keeps failing, check the account's client settings".to_owned(),
         };
         AuthorizeError::Denied(format!(
@@ -581,14 +597,38 @@ impl Flow {
     }
 }
 
-fn redirect_mismatch_fix(redirect_uri: &str) -> String {
+fn redirect_mismatch_fix(req: &AuthRequest, redirect_uri: &str) -> String {
+    if req.provider == Provider::Microsoft {
+        let platform = if req.redirect_uri.is_none() {
+            " under the platform \"Mobile and desktop applications\" (for http://127.0.0.1 any port matches)"
+        } else {
+            ""
+        };
+        return format!(
+            "the app registration does not allow the redirect URI {redirect_uri}. Add it in the Microsoft Entra admin center → App registrations → the app (client ID {}) → Authentication{platform}, or set the account's redirect_uri to one that is registered",
+            req.client_id
+        );
+    }
     format!(
         "the client does not allow the redirect URI {redirect_uri}. Use an OAuth client of type \"Desktop app\" (any loopback port is allowed), or add this exact URI to the client's \"Authorized redirect URIs\" in the console, or set the account's redirect_uri to one that is registered"
     )
 }
 
+/// A provider's `error_description` on one line, without Microsoft's trailer (`Trace ID:
+/// …`, `Correlation ID: …`, `Timestamp: …` after the AADSTS text).
+fn provider_description(d: &str) -> String {
+    let first = d.split("Trace ID:").next().unwrap_or(d);
+    one_line(first, 240)
+}
+
 fn no_refresh_token_message(req: &AuthRequest) -> String {
-    let why = if req.google_offline {
+    let why = if req.provider == Provider::Microsoft {
+        let asked = req.scopes.join(" ");
+        format!(
+            "Microsoft returns a refresh token only when the scope \"offline_access\" is requested, and this run asked for {asked:?}: add \"offline_access\" to `scopes` of account {:?} (or remove `scopes` to use the default, \"https://outlook.office.com/SMTP.Send offline_access\") and run `authorize` again",
+            req.account
+        )
+    } else if req.google_offline() {
         format!(
             "this run asked for access_type=offline and prompt=consent, so the client is probably of the wrong type: use an OAuth client ID of type \"Desktop app\" (or \"Web application\"), not a \"TV and limited input\" client or a service account (client_id {}). If the consent screen was skipped, remove the app's access at https://myaccount.google.com/permissions and run `authorize` again",
             req.client_id
@@ -610,11 +650,16 @@ fn exchange_error(
         RequestTokenError::ServerResponse(reply) => {
             let description = reply
                 .error_description()
-                .map(|d| one_line(d, 200))
+                .map(|d| provider_description(d))
+                .filter(|d| !d.is_empty())
                 .unwrap_or_else(|| "(no description)".into());
             match reply.error() {
                 BasicErrorResponseType::InvalidGrant => format!(
                     "the token endpoint refused the authorization code (invalid_grant: {description}). Codes are single-use, expire after a few minutes and only work with the redirect URI and PKCE verifier of the same attempt: run `authorize` again and paste the new URL promptly, not one from an earlier run"
+                ),
+                BasicErrorResponseType::InvalidClient if req.provider == Provider::Microsoft => format!(
+                    "the token endpoint does not accept the client credentials (invalid_client: {description}): check client_id (the Application (client) ID) and client_secret of account {:?}; client_secret must be a secret's Value, not its Secret ID, and secrets expire (Microsoft Entra admin center → App registrations → the app → Certificates & secrets)",
+                    req.account
                 ),
                 BasicErrorResponseType::InvalidClient => format!(
                     "the token endpoint does not accept the client credentials (invalid_client: {description}): check client_id and client_secret (or client_secret_json) of account {:?}; the secret may have been reset in the console, download the client file again",
@@ -625,7 +670,7 @@ fn exchange_error(
                 ),
                 BasicErrorResponseType::Extension(ext) if ext == "redirect_uri_mismatch" => format!(
                     "the token endpoint refused the code (redirect_uri_mismatch: {description}): {}",
-                    redirect_mismatch_fix(redirect_uri)
+                    redirect_mismatch_fix(req, redirect_uri)
                 ),
                 other => format!(
                     "the token endpoint refused the authorization code ({}: {description}); run `authorize` again",
@@ -1125,10 +1170,14 @@ where
             flow.redirect_uri()
         )?;
     }
+    let mismatch_error = match req.provider {
+        Provider::Microsoft => "AADSTS50011",
+        _ => "Error 400: redirect_uri_mismatch",
+    };
     writeln!(
         out,
-        "(If the sign-in page says \"Error 400: redirect_uri_mismatch\": {}.)",
-        redirect_mismatch_fix(flow.redirect_uri())
+        "(If the sign-in page says \"{mismatch_error}\": {}.)",
+        redirect_mismatch_fix(&req, flow.redirect_uri())
     )?;
     out.flush()?;
 
@@ -1160,7 +1209,7 @@ where
     let expires_at = result?;
 
     report_saved(out, config, acct, &store, &dir, created_dir, expires_at)?;
-    if req.google_offline {
+    if req.google_offline() {
         writeln!(
             out,
             "Note: if the OAuth consent screen is \"External\" and in \"Testing\", Google expires this\n\
@@ -1253,7 +1302,7 @@ mod tests {
             token_url,
             scopes: vec!["https://mail.google.com/".into()],
             redirect_uri: None,
-            google_offline: true,
+            provider: Provider::Gmail,
         }
     }
 
@@ -1317,6 +1366,113 @@ mod tests {
         assert!(!format!("{flow:?}").contains(SECRET));
     }
 
+    fn microsoft_request(token_url: String) -> AuthRequest {
+        AuthRequest {
+            account: "m365".into(),
+            username: Some("me@contoso.example".into()),
+            client_id: "11111111-2222-3333-4444-555555555555".into(),
+            client_secret: Some(SecretString::from(SECRET.to_owned())),
+            auth_url: crate::config::microsoft_url("contoso.example", "authorize"),
+            token_url,
+            scopes: crate::config::MICROSOFT_SCOPES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            redirect_uri: None,
+            provider: Provider::Microsoft,
+        }
+    }
+
+    #[tokio::test]
+    async fn microsoft_auth_url_has_no_google_params() {
+        let (flow, _) = Flow::start(&microsoft_request("http://127.0.0.1:9/token".into()), 0)
+            .await
+            .unwrap();
+        let p = params(flow.auth_url());
+        assert!(flow.auth_url().starts_with(
+            "https://login.microsoftonline.com/contoso.example/oauth2/v2.0/authorize?"
+        ));
+        assert_eq!(
+            p["scope"],
+            "https://outlook.office.com/SMTP.Send offline_access"
+        );
+        assert_eq!(p["code_challenge_method"], "S256");
+        assert_eq!(p["login_hint"], "me@contoso.example");
+        // Google-only: Microsoft's refresh token comes with the offline_access scope.
+        assert!(!p.contains_key("access_type"), "{p:?}");
+        assert!(!p.contains_key("prompt"), "{p:?}");
+    }
+
+    #[tokio::test]
+    async fn microsoft_errors_name_microsoft_fixes_without_the_trace_trailer() {
+        let mut req = microsoft_request("http://127.0.0.1:9/token".into());
+        req.redirect_uri = Some("https://example.org/cb".into());
+        let (flow, _) = Flow::start(&req, 0).await.unwrap();
+        let state = params(flow.auth_url())["state"].clone();
+        let e = flow
+            .check_redirect(&[
+                ("state".to_owned(), state),
+                ("error".to_owned(), "invalid_scope".to_owned()),
+                (
+                    "error_description".to_owned(),
+                    "AADSTS70011: The provided value for the input parameter 'scope' is not valid.\r\nTrace ID: 0000aaaa-11bb\r\nCorrelation ID: aaaa0000-bb11\r\nTimestamp: 2016-01-09 02:02:12Z".to_owned(),
+                ),
+            ])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("(invalid_scope: AADSTS70011: The provided value for the input parameter 'scope' is not valid.)")
+                && e.contains("SMTP.Send")
+                && !e.contains("Trace ID")
+                && !e.contains("mail.google.com"),
+            "{e}"
+        );
+        req.scopes = vec!["https://outlook.office.com/SMTP.Send".into()];
+        let m = no_refresh_token_message(&req);
+        assert!(
+            m.contains("only when the scope \"offline_access\" is requested")
+                && m.contains("account \"m365\"")
+                && !m.contains("Google"),
+            "{m}"
+        );
+        let m = redirect_mismatch_fix(&microsoft_request(String::new()), "http://127.0.0.1:1/");
+        assert!(
+            m.contains("Mobile and desktop applications") && !m.contains("Desktop app"),
+            "{m}"
+        );
+    }
+
+    #[tokio::test]
+    async fn microsoft_exchange_errors() {
+        let cases: [(u16, &'static str, &[&str]); 2] = [
+            (
+                400,
+                r#"{"error":"invalid_grant","error_description":"AADSTS501481: The Code_Verifier does not match the code_challenge supplied in the authorization request.\r\nTrace ID: 0000aaaa\r\nCorrelation ID: aaaa0000\r\nTimestamp: 2024-01-09 02:02:12Z","error_codes":[501481],"timestamp":"2024-01-09 02:02:12Z","trace_id":"0000aaaa","correlation_id":"aaaa0000"}"#,
+                &[
+                    "(invalid_grant: AADSTS501481: The Code_Verifier does not match the code_challenge supplied in the authorization request.). Codes are single-use",
+                ],
+            ),
+            (
+                401,
+                r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.\r\nTrace ID: 0000aaaa","error_codes":[7000215]}"#,
+                &["(invalid_client: AADSTS7000215: Invalid client secret provided.)", "not its Secret ID"],
+            ),
+        ];
+        for (status, body, wanted) in cases {
+            let (url, _) = token_endpoint(status, body).await;
+            let (flow, _) = Flow::start(&microsoft_request(url), 0).await.unwrap();
+            let e = flow
+                .exchange(AuthCode::new(CODE.into()))
+                .await
+                .unwrap_err()
+                .to_string();
+            for w in wanted {
+                assert!(e.contains(w), "{e:?} lacks {w:?}");
+            }
+            assert!(!e.contains("Trace ID") && !e.contains(SECRET), "{e}");
+        }
+    }
+
     #[tokio::test]
     async fn check_redirect_state_and_errors() {
         let mut req = request("http://127.0.0.1:9/token".into());
@@ -1359,7 +1515,7 @@ mod tests {
     #[tokio::test]
     async fn access_denied_outside_google_does_not_talk_about_google() {
         let mut req = request("http://127.0.0.1:9/token".into());
-        req.google_offline = false;
+        req.provider = Provider::Custom;
         req.redirect_uri = Some("https://example.org/cb".into());
         let (flow, _) = Flow::start(&req, 0).await.unwrap();
         let state = params(flow.auth_url())["state"].clone();

@@ -19,9 +19,11 @@
 //!
 //! Files: `ca.rs` (generated CA and server certificate), `smtp.rs` (fake Gmail),
 //! `token.rs` (fake token endpoint), `authorize.rs` (fake authorization endpoint and the
-//! code + PKCE exchange, for `authorize`), `device.rs` (fake device authorization endpoint,
-//! for `authorize --device`), `service.rs` (Google service-account JWT bearer grant and
-//! Microsoft client credentials); this file holds the options, the shared state and the
+//! code + PKCE exchange, for `authorize`; also as Microsoft's v2.0 endpoints under
+//! `/{tenant}/oauth2/v2.0/`, see [`Sandbox::microsoft_url`]), `device.rs` (fake device
+//! authorization endpoint, for `authorize --device`), `service.rs` (Google service-account
+//! JWT bearer grant and Microsoft client credentials); this file holds the options, the
+//! shared state and the
 //! control handle.
 
 mod authorize;

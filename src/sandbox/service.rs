@@ -20,8 +20,9 @@ use axum::response::Response;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{json, Value};
 
+use super::authorize::microsoft_error;
 use super::token::{json_response, mint_access_token, oauth_error};
-use super::{lock, random_string, Shared, GMAIL_SCOPE};
+use super::{lock, Shared, GMAIL_SCOPE};
 
 pub(crate) const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// The scope of Microsoft 365 app-only SMTP.
@@ -203,28 +204,6 @@ pub(crate) fn jwt_bearer_grant(shared: &Shared, form: &HashMap<String, String>) 
     )
 }
 
-/// Microsoft's error JSON: AADSTS code in the description, plus its bookkeeping fields.
-fn aad_error(status: StatusCode, error: &str, code: u32, text: &str) -> Response {
-    let trace = format!(
-        "{}-{}-{}",
-        random_string(8),
-        random_string(4),
-        random_string(12)
-    );
-    let when = chrono::Utc::now().format("%Y-%m-%d %H:%M:%SZ").to_string();
-    json_response(
-        status,
-        json!({
-            "error": error,
-            "error_description": format!("AADSTS{code}: {text} Trace ID: {trace} Correlation ID: {trace} Timestamp: {when}"),
-            "error_codes": [code],
-            "timestamp": when,
-            "trace_id": trace,
-            "correlation_id": trace,
-        }),
-    )
-}
-
 /// `grant_type=client_credentials&scope=https://outlook.office365.com/.default`, client
 /// authenticated by HTTP Basic or form fields.
 pub(crate) fn client_credentials_grant(
@@ -243,35 +222,35 @@ pub(crate) fn client_credentials_grant(
     let client_id = client_id.unwrap_or_default();
     if client_id != shared.client_id {
         stats.invalid_client.fetch_add(1, Ordering::Relaxed);
-        return aad_error(
+        return microsoft_error(
             StatusCode::BAD_REQUEST,
             "unauthorized_client",
-            700016,
+            Some(700016),
             &format!("Application with identifier '{client_id}' was not found in the directory 'sandbox'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant."),
         );
     }
     if secret.as_deref() != Some(shared.client_secret.as_str()) {
         stats.invalid_client.fetch_add(1, Ordering::Relaxed);
-        return aad_error(
+        return microsoft_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
-            7000215,
+            Some(7000215),
             &format!("Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."),
         );
     }
     let Some(scope) = form.get("scope").filter(|s| !s.is_empty()) else {
-        return aad_error(
+        return microsoft_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            900144,
+            Some(900144),
             "The request body must contain the following parameter: 'scope'.",
         );
     };
     if scope != MICROSOFT_APP_SCOPE {
-        return aad_error(
+        return microsoft_error(
             StatusCode::BAD_REQUEST,
             "invalid_scope",
-            1002012,
+            Some(1002012),
             &format!("The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."),
         );
     }

@@ -28,6 +28,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route("/token", post(token))
         .route("/auth", axum::routing::get(super::authorize::auth))
         .route("/devicecode", post(super::device::devicecode))
+        .merge(super::authorize::microsoft_routes())
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
@@ -89,7 +90,11 @@ fn injected_failure(status: u16) -> Response {
     }
 }
 
-async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(super) async fn token(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let stats = &shared.token_stats;
     stats.refresh_requests.fetch_add(1, Ordering::Relaxed);
 
