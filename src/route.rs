@@ -9,7 +9,7 @@ use crate::{
     config::AccountConfig,
     envelope::Envelope,
     reply::Reply,
-    spool::Transport,
+    spool::{RouteKey, Transport},
     upstream::{SendReport, UpstreamError, UpstreamPool},
 };
 
@@ -114,6 +114,12 @@ impl Transport for Upstreams {
                 sender: envelope.sender.clone(),
             }),
         }
+    }
+
+    /// The account's name: the spool holds each account apart.
+    fn route_key(&self, sender: &str) -> Option<RouteKey> {
+        self.route(sender)
+            .map(|r| RouteKey::from(r.account.as_str()))
     }
 }
 
