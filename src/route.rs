@@ -228,6 +228,10 @@ mod tests {
             Some("a"),
             "null sender: the first account"
         );
+        // The spool holds each account apart, by the same rule.
+        assert_eq!(u.route_key("x@two.example").as_deref(), Some("b"));
+        assert_eq!(u.route_key("").as_deref(), Some("a"));
+        assert!(u.route_key("x@three.example").is_none());
     }
 
     #[test]
