@@ -121,7 +121,7 @@ pub struct QueueItem {
     /// Unix seconds; `None` while an attempt is running.
     pub next_attempt: Option<u64>,
     pub last_error: Option<String>,
-    /// `active` (being tried), `deferred`, or `held` (upstream down or quota).
+    /// `active` (being tried), `deferred`, or `held` (its account's upstream down or quota).
     pub status: String,
 }
 
@@ -144,7 +144,7 @@ pub struct SpoolStats {
     pub fsyncs_per_message: f64,
     pub finished: u64,
     pub deferrals: u64,
-    /// `up`, or why the upstream is held.
+    /// `up`, or why the upstream is held (with several accounts: which ones, and why).
     pub upstream: String,
 }
 
