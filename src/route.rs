@@ -9,7 +9,7 @@ use crate::{
     config::AccountConfig,
     envelope::Envelope,
     reply::Reply,
-    spool::Transport,
+    spool::{RouteKey, Transport},
     upstream::{SendReport, UpstreamError, UpstreamPool},
 };
 
@@ -114,6 +114,12 @@ impl Transport for Upstreams {
                 sender: envelope.sender.clone(),
             }),
         }
+    }
+
+    /// The account's name: the spool holds each account apart.
+    fn route_key(&self, sender: &str) -> Option<RouteKey> {
+        self.route(sender)
+            .map(|r| RouteKey::from(r.account.as_str()))
     }
 }
 
@@ -222,6 +228,10 @@ mod tests {
             Some("a"),
             "null sender: the first account"
         );
+        // The spool holds each account apart, by the same rule.
+        assert_eq!(u.route_key("x@two.example").as_deref(), Some("b"));
+        assert_eq!(u.route_key("").as_deref(), Some("a"));
+        assert!(u.route_key("x@three.example").is_none());
     }
 
     #[test]

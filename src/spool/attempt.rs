@@ -4,7 +4,9 @@
 //! a DSN for the failed ones, persist the new state, log one line, and tell the queue
 //! what to do next. Failures of the upstream itself (unreachable, no token, login
 //! refused) are not the message's fault: they are reported as such, and the queue holds
-//! every message until a probe gets through.
+//! every message of that upstream (account) until a probe gets through. A sender no
+//! account takes any more (the configuration changed since it was queued) is a deferral
+//! of the message itself: retried with backoff, bounced only at the queue lifetime.
 
 use std::{sync::Arc, time::Duration};
 
@@ -116,7 +118,9 @@ fn judge(r: &Reply) -> Verdict {
 fn upstream_trouble(e: &UpstreamError) -> bool {
     use crate::upstream::Stage;
     match e {
-        UpstreamError::Rejected { .. } | UpstreamError::Indeterminate { .. } => false,
+        UpstreamError::Rejected { .. }
+        | UpstreamError::Indeterminate { .. }
+        | UpstreamError::NoRoute { .. } => false,
         UpstreamError::Closing { stage, .. } | UpstreamError::ConnectionLost { stage, .. } => {
             matches!(
                 stage,
@@ -161,7 +165,18 @@ fn classify(
             (verdicts, quota.map(|r| Trouble::Quota(r.to_string())))
         }
         Err(e) => {
-            let reply = e.reply();
+            let reply = match &e {
+                // Accepted under a configuration that routed it: keep it (4xx) until
+                // the lifetime runs out or a restart brings an account for it.
+                UpstreamError::NoRoute { sender } => Reply::new(
+                    451,
+                    [4, 7, 1],
+                    format!(
+                        "no [[account]] takes mail from sender <{sender}> any more (the configuration changed since it was queued)"
+                    ),
+                ),
+                _ => e.reply(),
+            };
             let trouble = if is_quota(&reply) {
                 Some(Trouble::Quota(reply.to_string()))
             } else if upstream_trouble(&e) {
@@ -305,7 +320,10 @@ impl<T: Transport> Ctx<T> {
             state.attempts += 1;
             state.last_attempt_ms = self.clock.now_ms();
             let result = self.transport.send(&envelope, &data).await;
-            let upstream_ok = !matches!(&result, Err(e) if upstream_trouble(e));
+            let upstream_ok = !matches!(
+                &result,
+                Err(e) if upstream_trouble(e) || matches!(e, UpstreamError::NoRoute { .. })
+            );
             let (v, t) = classify(&pending, result);
             (v, t, upstream_ok)
         };
@@ -573,6 +591,18 @@ mod tests {
         };
         let (_, t) = classify(&rcpts(1), Err(lost_at_greeting));
         assert!(matches!(t, Some(Trouble::Down(_))), "an outage");
+        let unrouted = UpstreamError::NoRoute {
+            sender: "gone@example.com".into(),
+        };
+        let (v, t) = classify(&rcpts(1), Err(unrouted));
+        assert!(t.is_none(), "not an upstream's outage");
+        match &v[0] {
+            Verdict::Defer(r) => {
+                assert_eq!((r.code, r.esc), (451, Some([4, 7, 1])));
+                assert!(r.text.contains("gone@example.com"), "{r}");
+            }
+            other => panic!("kept queued, not bounced: {other:?}"),
+        }
     }
 
     #[test]

@@ -81,13 +81,24 @@ impl SpoolError {
     }
 }
 
-/// Sends one message upstream. The pool in production; fakes in unit tests.
+/// Names the upstream (the account) a message leaves through: the queue holds and probes
+/// each one apart, so one account's outage or revoked token does not hold the others.
+pub type RouteKey = Arc<str>;
+
+/// Sends one message upstream. The accounts' pools in production; fakes in unit tests.
 pub trait Transport: Clone + Send + Sync + 'static {
     fn send(
         &self,
         envelope: &Envelope,
         data: &[u8],
     ) -> impl std::future::Future<Output = Result<SendReport, UpstreamError>> + Send;
+
+    /// The upstream mail from `sender` leaves through; `None` when no upstream takes it
+    /// (the configuration changed since it was queued). Must agree with `send`. A
+    /// transport with one upstream needs only this default.
+    fn route_key(&self, _sender: &str) -> Option<RouteKey> {
+        Some(RouteKey::from(""))
+    }
 }
 
 impl Transport for UpstreamPool {

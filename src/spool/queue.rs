@@ -3,13 +3,17 @@
 //! time), and control requests (list, show, flush, delete, stats). Nothing else touches
 //! the in-memory queue.
 //!
-//! Scheduling: each message waits for its due time in a `BTreeMap`. A message deferred by
-//! the upstream's own reply backs off on its own (`min_retry` doubling to `max_retry`,
-//! with jitter). A failure of the upstream itself (unreachable, no token, login refused)
-//! or Gmail's daily quota closes the *gate*: no message is sent, except one probe when
-//! the gate's backoff (doubling up to `probe_max`; `quota_retry` for the quota) has run
-//! out; the first probe that reaches the upstream opens the gate and the whole held queue
-//! flows again, `workers` at a time. Messages older than `max_queue_lifetime` are bounced.
+//! Scheduling: messages are grouped in *lanes*, one per upstream (account) their sender
+//! routes to (`Transport::route_key`); in its lane each message waits for its due time in
+//! a `BTreeMap`, and the earliest due message of any lane that may send goes next. A
+//! message deferred by the upstream's own reply backs off on its own (`min_retry`
+//! doubling to `max_retry`, with jitter). A failure of the upstream itself (unreachable,
+//! no token, login refused) or Gmail's daily quota closes that lane's *gate*: none of its
+//! messages is sent, except one probe when the gate's backoff (doubling up to
+//! `probe_max`; `quota_retry` for the quota) has run out; the first probe that reaches
+//! the upstream opens the gate and the lane's held messages flow again, `workers` at a
+//! time. Other lanes deliver meanwhile. Messages older than `max_queue_lifetime` are
+//! bounced.
 //!
 //! Disk: the queue counts each segment's live and not-yet-tried messages; a segment down
 //! to a quarter of its messages, all of them already tried (deferred), is compacted so a
@@ -36,7 +40,7 @@ use super::{
     commit::Committer,
     control::{Request, Response},
     store::{Location, MessageMeta, MessageState, RecipientState, Recovered, Store},
-    SpoolSettings, Transport,
+    RouteKey, SpoolSettings, Transport,
 };
 
 /// First probe delay after the upstream was found down; doubles up to `probe_max`.
@@ -117,7 +121,7 @@ pub struct QueueItem {
     /// Unix seconds; `None` while an attempt is running.
     pub next_attempt: Option<u64>,
     pub last_error: Option<String>,
-    /// `active` (being tried), `deferred`, or `held` (upstream down or quota).
+    /// `active` (being tried), `deferred`, or `held` (its account's upstream down or quota).
     pub status: String,
 }
 
@@ -140,16 +144,18 @@ pub struct SpoolStats {
     pub fsyncs_per_message: f64,
     pub finished: u64,
     pub deferrals: u64,
-    /// `up`, or why the upstream is held.
+    /// `up`, or why the upstream is held (with several accounts: which ones, and why).
     pub upstream: String,
 }
 
 struct Entry {
     meta: Arc<MessageMeta>,
+    /// Its lane: the upstream its sender routes to (`None`: none any more).
+    route: Option<RouteKey>,
     loc: Location,
     state: MessageState,
     data: Option<Bytes>,
-    /// Its key in the schedule, when waiting.
+    /// Its key in its lane's schedule, when waiting.
     key: Option<(Instant, u64)>,
     in_flight: bool,
     delete_requested: bool,
@@ -177,7 +183,9 @@ const COMPACT_BELOW: usize = 4;
 /// messages do not pin a whole batch on disk.
 const COMPACT_MIN_TOTAL: usize = 8;
 
+#[derive(Default)]
 enum Gate {
+    #[default]
     Open,
     Closed {
         until: Instant,
@@ -187,10 +195,28 @@ enum Gate {
     },
 }
 
+/// The messages of one upstream, and whether that upstream is held.
+#[derive(Default)]
+struct Lane {
+    /// Waiting messages by due time (the sequence number is global: FIFO across lanes).
+    schedule: BTreeMap<(Instant, u64), String>,
+    gate: Gate,
+}
+
+/// A lane's name in logs and stats.
+fn lane_name(route: &Option<RouteKey>) -> &str {
+    match route {
+        Some(k) => k,
+        None => "(no account)",
+    }
+}
+
 struct Queue<T> {
     ctx: Arc<Ctx<T>>,
     entries: HashMap<String, Entry>,
-    schedule: BTreeMap<(Instant, u64), String>,
+    /// One per upstream seen so far; few (the accounts, and `None` for messages whose
+    /// sender no account takes).
+    lanes: HashMap<Option<RouteKey>, Lane>,
     seq: u64,
     /// Live messages per segment.
     segments: HashMap<String, Segment>,
@@ -201,7 +227,6 @@ struct Queue<T> {
     /// File work started by the queue (done marks, removals, compaction): waited for at
     /// stop, so a `queue delete` answered before shutdown is on disk after it.
     io: tokio_util::task::TaskTracker,
-    gate: Gate,
     cached_bytes: usize,
     finished: u64,
     deferrals: u64,
@@ -229,14 +254,13 @@ pub fn start<T: Transport>(
     let mut q = Queue {
         ctx,
         entries: HashMap::new(),
-        schedule: BTreeMap::new(),
+        lanes: HashMap::new(),
         seq: 0,
         segments: HashMap::new(),
         events,
         workers: JoinSet::new(),
         running: HashMap::new(),
         io: tokio_util::task::TaskTracker::new(),
-        gate: Gate::Open,
         cached_bytes: 0,
         finished: 0,
         deferrals: 0,
@@ -269,10 +293,15 @@ impl<T: Transport> Queue<T> {
         });
         let id = meta.id.clone();
         let due = self.ctx.clock.instant(state.next_attempt_ms);
+        let route = self.ctx.transport.route_key(&meta.sender);
+        if route.is_none() {
+            warn!(%id, sender = %meta.sender, "spool: no [[account]] takes mail from this queued message's sender any more; it stays queued, retried with backoff, and bounces after max_queue_lifetime_secs unless an account for it is configured and the relay restarted");
+        }
         self.entries.insert(
             id.clone(),
             Entry {
                 meta: Arc::new(meta),
+                route,
                 loc,
                 state,
                 data,
@@ -289,13 +318,24 @@ impl<T: Transport> Queue<T> {
         let Some(e) = self.entries.get_mut(id) else {
             return;
         };
+        let lane = self.lanes.entry(e.route.clone()).or_default();
         if let Some(k) = e.key.take() {
-            self.schedule.remove(&k);
+            lane.schedule.remove(&k);
         }
         self.seq += 1;
         let key = (due, self.seq);
         e.key = Some(key);
-        self.schedule.insert(key, id.to_owned());
+        lane.schedule.insert(key, id.to_owned());
+    }
+
+    /// Takes a message out of its lane's schedule (it is being tried or removed).
+    fn unschedule(&mut self, id: &str) {
+        let Some(e) = self.entries.get_mut(id) else {
+            return;
+        };
+        if let (Some(k), Some(lane)) = (e.key.take(), self.lanes.get_mut(&e.route)) {
+            lane.schedule.remove(&k);
+        }
     }
 
     fn expiry_ms(&self, meta: &MessageMeta) -> u64 {
@@ -369,52 +409,81 @@ impl<T: Transport> Queue<T> {
         if self.workers.len() >= self.ctx.settings.workers {
             return None;
         }
-        let first = self.schedule.keys().next().map(|k| k.0)?;
-        match &self.gate {
-            Gate::Open => Some(first),
+        self.lanes
+            .values()
+            .filter_map(|lane| {
+                let first = lane.schedule.keys().next().map(|k| k.0)?;
+                match &lane.gate {
+                    Gate::Open => Some(first),
+                    Gate::Closed { probe: Some(_), .. } => None,
+                    Gate::Closed { until, .. } => Some(first.max(*until)),
+                }
+            })
+            .min()
+    }
+
+    /// The first message of `lane` if it may be sent now: `(schedule key, ID, expired,
+    /// probe)`. Past its lifetime it goes whatever the gate (to be bounced); behind a
+    /// closed gate, only as the probe once the gate's backoff has run out.
+    fn ready<'a>(
+        &self,
+        lane: &'a Lane,
+        now: Instant,
+        now_ms: u64,
+    ) -> Option<((Instant, u64), &'a String, bool, bool)> {
+        let (&key, id) = lane.schedule.iter().next()?;
+        if key.0 > now {
+            return None;
+        }
+        let expired = self
+            .entries
+            .get(id)
+            .is_some_and(|e| now_ms >= self.expiry_ms(&e.meta));
+        if expired {
+            return Some((key, id, true, false));
+        }
+        match &lane.gate {
+            Gate::Open => Some((key, id, false, false)),
             Gate::Closed { probe: Some(_), .. } => None,
-            Gate::Closed { until, .. } => Some(first.max(*until)),
+            Gate::Closed { until, .. } => (now >= *until).then_some((key, id, false, true)),
         }
     }
 
-    /// Starts attempts for due messages, within the worker bound and the gate.
+    /// Starts attempts for due messages, earliest first across the lanes, within the
+    /// worker bound and each lane's gate.
     fn dispatch(&mut self) {
         let now = Instant::now();
         let now_ms = self.ctx.clock.now_ms();
         while self.workers.len() < self.ctx.settings.workers {
-            let Some((&key, id)) = self.schedule.iter().next() else {
+            let Some((route, id, expired, probe)) = self
+                .lanes
+                .iter()
+                .filter_map(|(route, lane)| {
+                    self.ready(lane, now, now_ms)
+                        .map(|(key, id, expired, probe)| (route, key, id, expired, probe))
+                })
+                .min_by_key(|r| r.1)
+                .map(|(route, _, id, expired, probe)| (route.clone(), id.clone(), expired, probe))
+            else {
                 break;
             };
-            if key.0 > now {
+            let Some(lane) = self.lanes.get_mut(&route) else {
                 break;
-            }
-            let id = id.clone();
-            let expired = self
-                .entries
-                .get(&id)
-                .is_some_and(|e| now_ms >= self.expiry_ms(&e.meta));
-            if !expired {
-                match &mut self.gate {
-                    Gate::Open => {}
-                    Gate::Closed { probe: Some(_), .. } => break,
-                    Gate::Closed { until, probe, .. } => {
-                        if now < *until {
-                            break;
-                        }
-                        *probe = Some(id.clone());
-                    }
+            };
+            if probe {
+                if let Gate::Closed { probe, .. } = &mut lane.gate {
+                    *probe = Some(id.clone());
                 }
             }
-            self.schedule.remove(&key);
             self.spawn(&id, expired);
         }
     }
 
     fn spawn(&mut self, id: &str, expire: bool) {
+        self.unschedule(id);
         let Some(e) = self.entries.get_mut(id) else {
             return;
         };
-        e.key = None;
         e.in_flight = true;
         let data = e.data.take();
         if let Some(d) = &data {
@@ -445,9 +514,6 @@ impl<T: Transport> Queue<T> {
             if self.workers.len() >= self.ctx.settings.workers {
                 break;
             }
-            if let Some(k) = self.entries.get_mut(&id).and_then(|e| e.key.take()) {
-                self.schedule.remove(&k);
-            }
             self.spawn(&id, true);
         }
     }
@@ -458,24 +524,28 @@ impl<T: Transport> Queue<T> {
             outcome,
             upstream_ok,
         } = done;
-        // The upstream's health, from this attempt.
-        let was_probe = matches!(&self.gate, Gate::Closed { probe: Some(p), .. } if *p == id);
+        let Some(route) = self.entries.get(&id).map(|e| e.route.clone()) else {
+            return;
+        };
+        // The health of the message's upstream, from this attempt.
+        let lane = self.lanes.entry(route.clone()).or_default();
+        let was_probe = matches!(&lane.gate, Gate::Closed { probe: Some(p), .. } if *p == id);
         match (&outcome, upstream_ok) {
             (
                 Outcome::Deferred {
                     trouble: Some(t), ..
                 },
                 _,
-            ) => self.close_gate(t.clone(), was_probe),
+            ) => self.close_gate(&route, t.clone(), was_probe),
             (_, true) => {
-                if !matches!(self.gate, Gate::Open) {
-                    info!("spool: upstream reachable again; releasing the held queue");
+                if !matches!(lane.gate, Gate::Open) {
+                    info!(account = %lane_name(&route), "spool: upstream reachable again; releasing its held messages");
                 }
-                self.gate = Gate::Open;
+                lane.gate = Gate::Open;
             }
             _ => {
                 if was_probe {
-                    if let Gate::Closed { probe, .. } = &mut self.gate {
+                    if let Gate::Closed { probe, .. } = &mut lane.gate {
                         *probe = None;
                     }
                 }
@@ -513,15 +583,18 @@ impl<T: Transport> Queue<T> {
         }
     }
 
-    fn close_gate(&mut self, why: Trouble, was_probe: bool) {
+    /// Holds the lane of `route` after its upstream failed (or backs off its probe).
+    fn close_gate(&mut self, route: &Option<RouteKey>, why: Trouble, was_probe: bool) {
         let quota = matches!(why, Trouble::Quota(_));
         let s = &self.ctx.settings;
         let now = Instant::now();
-        match &mut self.gate {
+        let account = lane_name(route);
+        let lane = self.lanes.entry(route.clone()).or_default();
+        match &mut lane.gate {
             Gate::Open => {
                 let backoff = if quota { s.quota_retry } else { PROBE_MIN };
-                warn!(reason = ?why, probe_in = ?backoff, "spool: upstream unavailable; holding the queue and probing");
-                self.gate = Gate::Closed {
+                warn!(%account, reason = ?why, probe_in = ?backoff, "spool: upstream unavailable; holding its messages and probing");
+                lane.gate = Gate::Closed {
                     until: now + backoff,
                     backoff,
                     why,
@@ -543,7 +616,7 @@ impl<T: Transport> Queue<T> {
                     *until = now + *backoff;
                     *probe = None;
                     *w = why;
-                    info!(reason = ?w, next_probe = ?*backoff, "spool: upstream probe failed");
+                    info!(%account, reason = ?w, next_probe = ?*backoff, "spool: upstream probe failed");
                 }
             }
         }
@@ -552,12 +625,10 @@ impl<T: Transport> Queue<T> {
     /// Drops a message from the queue; `mark` records it as done on disk (a delete; a
     /// finished attempt has done so already). Removes its segment when it was the last.
     fn remove(&mut self, id: &str, mark: bool) {
+        self.unschedule(id);
         let Some(e) = self.entries.remove(id) else {
             return;
         };
-        if let Some(k) = e.key {
-            self.schedule.remove(&k);
-        }
         if let Some(d) = &e.data {
             self.cached_bytes = self.cached_bytes.saturating_sub(d.len());
         }
@@ -712,11 +783,11 @@ impl<T: Transport> Queue<T> {
 
     fn item(&self, e: &Entry) -> QueueItem {
         let now_ms = self.ctx.clock.now_ms();
-        let held = matches!(self.gate, Gate::Closed { .. });
+        let gate = self.lanes.get(&e.route).map(|l| &l.gate);
         // Behind a closed gate, nothing goes before the next probe.
-        let not_before = match &self.gate {
-            Gate::Closed { until, .. } => *until,
-            Gate::Open => Instant::now(),
+        let (held, not_before) = match gate {
+            Some(Gate::Closed { until, .. }) => (true, *until),
+            _ => (false, Instant::now()),
         };
         let next_attempt = (!e.in_flight).then(|| {
             let due = e
@@ -750,10 +821,31 @@ impl<T: Transport> Queue<T> {
             fsyncs_per_message: fsyncs as f64 / committed.max(1) as f64,
             finished: self.finished,
             deferrals: self.deferrals,
-            upstream: match &self.gate {
-                Gate::Open => "up".into(),
-                Gate::Closed { why, .. } => format!("held: {why:?}"),
-            },
+            upstream: self.upstream_status(),
+        }
+    }
+
+    /// `up`, or why the upstream is held; with several, which ones are held and why.
+    fn upstream_status(&self) -> String {
+        let mut held: Vec<(&str, &Trouble)> = self
+            .lanes
+            .iter()
+            .filter_map(|(route, lane)| match &lane.gate {
+                Gate::Closed { why, .. } => Some((lane_name(route), why)),
+                Gate::Open => None,
+            })
+            .collect();
+        held.sort_by_key(|h| h.0);
+        match held.as_slice() {
+            [] => "up".into(),
+            [(_, why)] if self.lanes.len() == 1 => format!("held: {why:?}"),
+            _ => format!(
+                "held: {}",
+                held.iter()
+                    .map(|(account, why)| format!("{account}: {why:?}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
         }
     }
 
@@ -777,7 +869,9 @@ impl<T: Transport> Queue<T> {
                 for id in &ids {
                     self.schedule_at(id, now);
                 }
-                self.gate = Gate::Open;
+                for lane in self.lanes.values_mut() {
+                    lane.gate = Gate::Open;
+                }
                 info!(
                     messages = ids.len(),
                     "spool: flush requested; trying every message now"
@@ -1174,6 +1268,238 @@ mod tests {
             fake.max_in_flight.load(SeqCst) <= 3,
             "never more than `workers` in flight"
         );
+        rig.stop().await;
+    }
+
+    /// Two upstreams, routed by the sender's domain: `one.example` and `two.example`
+    /// (and the null sender: bounces). A sender of another domain routes nowhere. An
+    /// upstream named in `down` refuses to connect. Counts deliveries per message.
+    #[derive(Clone, Default)]
+    struct TwoUpstreams {
+        down: Arc<Mutex<Vec<&'static str>>>,
+        /// Sends per upstream (`""`: no route).
+        sends: Arc<Mutex<HashMap<&'static str, usize>>>,
+        /// Queue IDs (from the Subject) delivered, once per delivery.
+        delivered: Arc<Mutex<Vec<(&'static str, String)>>>,
+        bounces: Arc<Mutex<Vec<String>>>,
+        in_flight: Arc<std::sync::atomic::AtomicUsize>,
+        max_in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl TwoUpstreams {
+        fn upstream(sender: &str) -> Option<&'static str> {
+            match sender.rsplit_once('@').map(|(_, d)| d) {
+                Some("one.example") => Some("one"),
+                Some("two.example") => Some("two"),
+                None if sender.is_empty() => Some("two"),
+                _ => None,
+            }
+        }
+
+        fn delivered_via(&self, upstream: &str) -> Vec<String> {
+            let d = self.delivered.lock().unwrap();
+            d.iter()
+                .filter(|(u, _)| *u == upstream)
+                .map(|(_, id)| id.clone())
+                .collect()
+        }
+
+        fn sends_via(&self, upstream: &'static str) -> usize {
+            self.sends
+                .lock()
+                .unwrap()
+                .get(upstream)
+                .copied()
+                .unwrap_or(0)
+        }
+    }
+
+    impl Transport for TwoUpstreams {
+        async fn send(&self, env: &Envelope, data: &[u8]) -> Result<SendReport, UpstreamError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let up = Self::upstream(&env.sender);
+            *self
+                .sends
+                .lock()
+                .unwrap()
+                .entry(up.unwrap_or(""))
+                .or_default() += 1;
+            let Some(up) = up else {
+                return Err(UpstreamError::NoRoute {
+                    sender: env.sender.clone(),
+                });
+            };
+            let n = self.in_flight.fetch_add(1, SeqCst) + 1;
+            self.max_in_flight.fetch_max(n, SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.in_flight.fetch_sub(1, SeqCst);
+            if self.down.lock().unwrap().contains(&up) {
+                return Err(UpstreamError::Connect {
+                    addr: format!("smtp.{up}.example:587"),
+                    cause: "connection refused".into(),
+                });
+            }
+            let text = String::from_utf8_lossy(data).into_owned();
+            if env.sender.is_empty() {
+                self.bounces.lock().unwrap().push(text);
+            } else {
+                let subject = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Subject: "))
+                    .unwrap_or_default()
+                    .to_owned();
+                self.delivered.lock().unwrap().push((up, subject));
+            }
+            Ok(SendReport {
+                recipients: env
+                    .recipients
+                    .iter()
+                    .map(|a| RecipientOutcome {
+                        address: a.clone(),
+                        reply: Reply::new(250, [2, 1, 5], "OK"),
+                        accepted: true,
+                    })
+                    .collect(),
+                data: Some(Reply::new(250, [2, 0, 0], "OK")),
+            })
+        }
+
+        fn route_key(&self, sender: &str) -> Option<RouteKey> {
+            Self::upstream(sender).map(RouteKey::from)
+        }
+    }
+
+    /// A message from `sender` whose Subject is its queue ID.
+    fn message_via(id: &str, sender: &str) -> Message {
+        let mut m = message(id);
+        m.envelope.sender = sender.into();
+        m.data = Bytes::from(format!("Subject: {id}\r\n\r\nbody\r\n"));
+        m
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_upstream_down_holds_only_its_own_messages() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let fake = TwoUpstreams::default();
+        fake.down.lock().unwrap().push("one");
+        let rig = Rig::start(
+            fake.clone(),
+            Duration::from_secs(86400),
+            3,
+            Duration::from_secs(8),
+        );
+        // One's messages first: on a queue with one gate they would all be probed, one
+        // by one, before two's got a turn.
+        for i in 0..20 {
+            rig.committer
+                .commit(message_via(&format!("ONE{i:03}"), "app@one.example"))
+                .await
+                .unwrap();
+        }
+        for i in 0..20 {
+            rig.committer
+                .commit(message_via(&format!("TWO{i:03}"), "app@two.example"))
+                .await
+                .unwrap();
+        }
+        let t0 = Instant::now();
+        while fake.delivered_via("two").len() < 20 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "two's mail flows while one is held: {} of 20 delivered",
+                fake.delivered_via("two").len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // One stays held for a minute: probed (1, 2, 4, 8, 8… s apart), never bounced.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let while_down = fake.sends_via("one");
+        assert!(
+            (5..=15).contains(&while_down),
+            "{while_down} sends to one while down"
+        );
+        assert!(fake.delivered_via("one").is_empty());
+        assert!(fake.bounces.lock().unwrap().is_empty(), "nothing bounced");
+        // Two still delivers at once while one is held.
+        rig.committer
+            .commit(message_via("TWO-LATE", "app@two.example"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(fake.delivered_via("two").contains(&"TWO-LATE".to_owned()));
+        // One comes back: its next probe (within probe_max) releases its messages.
+        fake.down.lock().unwrap().clear();
+        let t1 = Instant::now();
+        while fake.delivered_via("one").len() < 20 {
+            assert!(
+                t1.elapsed() < Duration::from_secs(20),
+                "one released after its probe"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            t1.elapsed() <= Duration::from_secs(10),
+            "{:?}",
+            t1.elapsed()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for up in ["one", "two"] {
+            let mut ids = fake.delivered_via(up);
+            let n = ids.len();
+            ids.sort();
+            ids.dedup();
+            assert_eq!(ids.len(), n, "each of {up}'s delivered once: {ids:?}");
+        }
+        assert_eq!(fake.delivered_via("one").len(), 20);
+        assert_eq!(fake.delivered_via("two").len(), 21);
+        assert!(
+            fake.max_in_flight.load(SeqCst) <= 3,
+            "never more than `workers` in flight"
+        );
+        assert!(
+            segments_in(rig.dir.path()).is_empty(),
+            "queue/ is empty at the end"
+        );
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sender_no_upstream_takes_waits_out_its_lifetime_without_holding_others() {
+        let fake = TwoUpstreams::default();
+        let rig = Rig::start(
+            fake.clone(),
+            Duration::from_secs(3600),
+            2,
+            Duration::from_secs(8),
+        );
+        rig.committer
+            .commit(message_via("LOST", "app@gone.example"))
+            .await
+            .unwrap();
+        for i in 0..5 {
+            rig.committer
+                .commit(message_via(&format!("TWO{i:03}"), "app@two.example"))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(fake.delivered_via("two").len(), 5, "others are not held");
+        // Its own backoff (1 min doubling), not a probe every second; no early bounce.
+        tokio::time::sleep(Duration::from_secs(30 * 60)).await;
+        let tries = fake.sends_via("");
+        assert!((2..=6).contains(&tries), "{tries} attempts in 30 min");
+        assert!(fake.bounces.lock().unwrap().is_empty(), "not bounced early");
+        // At the end of its lifetime: a DSN that says why.
+        tokio::time::sleep(Duration::from_secs(31 * 60)).await;
+        let bounces = fake.bounces.lock().unwrap().clone();
+        assert_eq!(bounces.len(), 1, "one DSN");
+        assert!(bounces[0].contains("Status: 4.7.1"), "{}", bounces[0]);
+        assert!(
+            bounces[0].contains("no [[account]] takes mail from sender"),
+            "{}",
+            bounces[0]
+        );
+        assert!(rig.dir.path().join("failed/LOST.eml").exists());
         rig.stop().await;
     }
 
