@@ -304,6 +304,9 @@ fn apply_grant(file: &mut TokenFile, grant: &Grant, requested_at_unix: u64) -> b
         file.refresh_token = Some(rt.clone());
         file.refresh_token_issued_at = Some(now);
     }
+    if file.refresh_token.is_some() {
+        file.refresh_token_rotates = Some(rotated);
+    }
     file.access_token = Some(grant.access_token.clone());
     file.expires_at = Some(requested_at_unix.saturating_add(grant.expires_in.as_secs()));
     file.last_refresh_at = Some(now);
@@ -876,6 +879,15 @@ mod tests {
         join.await.unwrap();
     }
 
+    #[tokio::test]
+    async fn a_kept_refresh_token_is_recorded_as_not_rotating() {
+        let (_d, store) = minimal_store();
+        let fake = Fake::with(vec![Step::Reply(grant("ya29.SECRET-a", 3599))]);
+        let file = refresh_now(&store, &fake).await.unwrap();
+        assert_eq!(file.refresh_token.as_ref().unwrap().expose_secret(), RT);
+        assert_eq!(store.load().unwrap().refresh_token_rotates, Some(false));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn stored_valid_token_is_published_without_refresh() {
         let now = unix_now();
@@ -1272,6 +1284,11 @@ mod tests {
             ROTATED
         );
         let disk = store.load().unwrap();
+        assert_eq!(
+            disk.refresh_token_rotates,
+            Some(true),
+            "token status says it rotates"
+        );
         assert_eq!(disk.access_token.unwrap().expose_secret(), "ya29.SECRET-a");
         let exp = disk.expires_at.unwrap();
         assert!(exp >= before + 3599 && exp <= unix_now() + 3599);

@@ -26,6 +26,8 @@ pub struct TokenStatus {
     pub expires_at: Option<u64>,
     pub last_refresh_at: Option<u64>,
     pub refresh_token_issued_at: Option<u64>,
+    /// Whether the provider rotated the refresh token at the last refresh.
+    pub refresh_token_rotates: Option<bool>,
     pub last_error: Option<String>,
     /// Permission bits of the file.
     pub file_mode: Option<u32>,
@@ -99,6 +101,7 @@ pub fn status_with(
         expires_at: file.expires_at,
         last_refresh_at: file.last_refresh_at,
         refresh_token_issued_at: file.refresh_token_issued_at,
+        refresh_token_rotates: file.refresh_token_rotates,
         last_error: file.last_error.clone(),
         file_mode: store.mode(),
         warnings: Vec::new(),
@@ -217,6 +220,16 @@ impl fmt::Display for TokenStatus {
                 "credential:     client credentials (app-only; no refresh token)"
             )?,
         }
+        if self.credential == "refresh_token" {
+            match self.refresh_token_rotates {
+                Some(true) => writeln!(
+                    f,
+                    "rotation:       yes, a new refresh token at each refresh (saved before use)"
+                )?,
+                Some(false) => writeln!(f, "rotation:       no, the refresh token is kept")?,
+                None => writeln!(f, "rotation:       not known until the first refresh")?,
+            }
+        }
         match &self.last_error {
             Some(e) => writeln!(f, "last error:     {e}")?,
             None => writeln!(f, "last error:     none")?,
@@ -242,6 +255,7 @@ mod json_tests {
             expires_at: Some(1600),
             last_refresh_at: Some(900),
             refresh_token_issued_at: Some(100),
+            refresh_token_rotates: Some(true),
             last_error: None,
             file_mode: Some(0o600),
             warnings: vec![],
@@ -252,6 +266,8 @@ mod json_tests {
         assert_eq!(v["access_token_valid"], true);
         assert_eq!(v["refresh_token_age_secs"], 900);
         assert_eq!(v["healthy"], true);
+        assert_eq!(v["refresh_token_rotates"], true);
+        assert!(s.to_string().contains("rotation:       yes"), "{s}");
         assert!(!v.to_string().contains("token\":\""), "{v}");
     }
 }

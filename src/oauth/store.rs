@@ -34,6 +34,9 @@ pub struct TokenFile {
     pub last_refresh_at: Option<u64>,
     /// When this refresh token was obtained or rotated, unix seconds.
     pub refresh_token_issued_at: Option<u64>,
+    /// Whether the last refresh came back with a new refresh token (Microsoft's do);
+    /// `None` before the first refresh.
+    pub refresh_token_rotates: Option<bool>,
     /// The last refresh failure, secret-free (e.g. `invalid_grant: Token has been expired or revoked.`).
     pub last_error: Option<String>,
     /// Keys this version does not know; kept on rewrite.
@@ -57,6 +60,7 @@ impl TokenFile {
             expires_at: None,
             last_refresh_at: None,
             refresh_token_issued_at: None,
+            refresh_token_rotates: None,
             last_error: None,
             extra: Map::new(),
         }
@@ -97,6 +101,16 @@ impl TokenFile {
             expires_at: take_u64(&mut map, "expires_at")?,
             last_refresh_at: take_u64(&mut map, "last_refresh_at")?,
             refresh_token_issued_at: take_u64(&mut map, "refresh_token_issued_at")?,
+            refresh_token_rotates: match map.remove("refresh_token_rotates") {
+                None | Some(Value::Null) => None,
+                Some(Value::Bool(b)) => Some(b),
+                Some(_) => {
+                    return Err(ParseError::BadValue {
+                        key: "refresh_token_rotates",
+                        expected: "true or false",
+                    })
+                }
+            },
             last_error: take_string(&mut map, "last_error")?,
             extra: map,
         })
@@ -135,6 +149,10 @@ impl TokenFile {
                 None => map.remove(key),
             };
         }
+        match self.refresh_token_rotates {
+            Some(b) => map.insert("refresh_token_rotates".into(), Value::Bool(b)),
+            None => map.remove("refresh_token_rotates"),
+        };
         match &self.last_error {
             Some(e) => map.insert("last_error".into(), Value::String(e.clone())),
             None => map.remove("last_error"),
@@ -196,6 +214,7 @@ impl fmt::Debug for TokenFile {
             .field("expires_at", &self.expires_at)
             .field("last_refresh_at", &self.last_refresh_at)
             .field("refresh_token_issued_at", &self.refresh_token_issued_at)
+            .field("refresh_token_rotates", &self.refresh_token_rotates)
             .field("last_error", &self.last_error)
             .field("extra_keys", &self.extra.keys().collect::<Vec<_>>())
             .finish()
