@@ -24,6 +24,9 @@ fn message_ids(h: &Harness) -> Vec<String> {
 async fn two_hundred_messages_over_four_sessions_use_at_most_pool_size_connections() {
     let h = Harness::start(Setup {
         pool_size: 3,
+        // Not recycled after 100 messages here: the count of connections opened is the
+        // point of this test.
+        account_extra: "max_messages_per_connection = 1000".into(),
         ..Setup::default()
     })
     .await;
@@ -60,15 +63,15 @@ async fn two_hundred_messages_over_four_sessions_use_at_most_pool_size_connectio
     h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_concurrent_clients_share_pool_size_connections() {
+/// 200 concurrent senders (the relay's default max_connections is 256); returns the
+/// sandbox's counters afterwards.
+async fn two_hundred_concurrent_clients(pool_size: usize) -> smtp_oauth_relay::sandbox::SmtpStats {
     let h = Harness::start(Setup {
-        pool_size: 2,
+        pool_size,
         ..Setup::default()
     })
     .await;
     h.token_ready().await;
-    // 200 concurrent senders (the relay's default max_connections is 256).
     let mut tasks = Vec::new();
     for s in 0..200 {
         let addr = h.addr;
@@ -88,9 +91,29 @@ async fn two_hundred_concurrent_clients_share_pool_size_connections() {
         t.await.unwrap();
     }
     let stats = h.control().smtp_stats();
+    h.stop().await;
+    stats
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_clients_share_pool_size_connections() {
+    let stats = two_hundred_concurrent_clients(2).await;
     assert_eq!(stats.messages, 200);
     assert!(stats.max_concurrent <= 2, "{stats:?}");
-    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pooling_concurrent_connections_are_still_bounded() {
+    let stats = two_hundred_concurrent_clients(0).await;
+    assert_eq!(stats.messages, 200);
+    assert!(
+        stats.connections_opened >= 200,
+        "one connection per message: {stats:?}"
+    );
+    assert!(
+        stats.max_concurrent <= smtp_oauth_relay::upstream::PER_MESSAGE_MAX_CONNECTIONS as u64,
+        "{stats:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

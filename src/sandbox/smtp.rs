@@ -89,7 +89,7 @@ async fn handle_connection(
     stats.max_concurrent.fetch_max(open, Ordering::Relaxed);
     let kill = Arc::new(Notify::new());
     lock(&shared.connections).insert(id, kill.clone());
-    let _guard = ConnectionGuard {
+    let guard = ConnectionGuard {
         shared: shared.clone(),
         id,
     };
@@ -113,6 +113,9 @@ async fn handle_connection(
     stats.tls_handshakes.fetch_add(1, Ordering::Relaxed);
     session.tls_started();
     if session.run(&mut tls, &kill).await == Outcome::Close {
+        // Counted as open until the close starts, so a client that waits for it (as the
+        // relay's pool does) finds the gauge already down.
+        drop(guard);
         let _ = tls.shutdown().await;
     }
 }

@@ -846,6 +846,13 @@ impl Connection {
             let _ = self.wire.command(b"QUIT\r\n", Stage::Quit).await;
         }
         let _ = tokio::time::timeout(self.wire.timeout, self.wire.stream.shutdown()).await;
+        // The connection counts against the upstream's limit until the server has closed
+        // it too: wait for that (bounded), so a new one is not opened while it lingers.
+        let mut sink = [0u8; 256];
+        let _ = tokio::time::timeout(self.wire.timeout, async {
+            while matches!(self.wire.stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
     }
 }
 

@@ -23,7 +23,7 @@ use std::{sync::Arc, time::Duration};
 use crate::reply::Reply;
 
 pub use error::{Stage, UpstreamError};
-pub use pool::{PoolStats, UpstreamPool};
+pub use pool::{PoolStats, UpstreamPool, PER_MESSAGE_MAX_CONNECTIONS};
 
 /// How to reach and use one upstream account.
 #[derive(Clone)]

@@ -1,6 +1,7 @@
 //! The per-account pool of authenticated upstream connections, deadpool-style: a
 //! `Semaphore` bounds the connections in use (so no number of callers ever opens more
-//! than `pool_size`), idle connections wait in a `VecDeque` (most recently used first
+//! than `pool_size`; with `pool_size = 0`, a connection per message, at most
+//! `PER_MESSAGE_MAX_CONNECTIONS` at once), idle connections wait in a `VecDeque` (most recently used first
 //! out, so spare ones age out), and each is recycled — RSET after a failed transaction,
 //! NOOP after a quiet spell, dropped when old, dead, told 421, or used up — before reuse.
 //!
@@ -75,13 +76,18 @@ impl Pooled {
     }
 }
 
+/// With `pool_size = 0` (no pooling), how many one-message connections may be open at
+/// once: the default pool size, so turning pooling off never multiplies the connections
+/// an account opens (Gmail answers too many concurrent ones with 421 4.7.0).
+pub const PER_MESSAGE_MAX_CONNECTIONS: usize = 4;
+
 struct Inner {
     settings: UpstreamSettings,
     addr: String,
     tokens: TokenHandle,
     connector: TlsConnector,
-    /// `None` when `pool_size` is 0 (a connection per message, no bound).
-    permits: Option<Arc<Semaphore>>,
+    /// Connections in use (and idle ones): `pool_size`, or `PER_MESSAGE_MAX_CONNECTIONS`.
+    permits: Arc<Semaphore>,
     idle: Mutex<VecDeque<Pooled>>,
     closed: AtomicBool,
     counters: Arc<Counters>,
@@ -95,8 +101,10 @@ pub struct UpstreamPool {
 
 impl UpstreamPool {
     pub fn new(settings: UpstreamSettings, tokens: TokenHandle) -> Self {
-        let permits =
-            (settings.pool_size > 0).then(|| Arc::new(Semaphore::new(settings.pool_size)));
+        let permits = Arc::new(Semaphore::new(match settings.pool_size {
+            0 => PER_MESSAGE_MAX_CONNECTIONS,
+            n => n,
+        }));
         UpstreamPool {
             inner: Arc::new(Inner {
                 addr: settings.addr(),
@@ -114,9 +122,10 @@ impl UpstreamPool {
     /// Opens up to `pool_size` connections now (waiting for the first token if needed),
     /// so the first messages do not pay for TLS and login. Failures are logged only.
     pub async fn warm(&self) {
-        let Some(permits) = &self.inner.permits else {
+        if self.inner.settings.pool_size == 0 {
             return;
-        };
+        }
+        let permits = &self.inner.permits;
         if let Err(e) = self
             .inner
             .tokens
@@ -136,7 +145,7 @@ impl UpstreamPool {
                     return;
                 }
                 match pool.open().await {
-                    Ok(conn) => pool.check_in(conn, Some(permit)),
+                    Ok(conn) => pool.check_in(conn, permit),
                     Err(e) => {
                         tracing::warn!(upstream = %pool.inner.addr, error = %e, "warming the upstream pool failed")
                     }
@@ -247,13 +256,10 @@ impl UpstreamPool {
         e
     }
 
-    async fn acquire(&self) -> Result<Option<OwnedSemaphorePermit>, UpstreamError> {
-        let Some(permits) = &self.inner.permits else {
-            return Ok(None);
-        };
+    async fn acquire(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
         let wait = self.inner.settings.checkout_timeout;
-        match tokio::time::timeout(wait, permits.clone().acquire_owned()).await {
-            Ok(Ok(p)) => Ok(Some(p)),
+        match tokio::time::timeout(wait, self.inner.permits.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
             // The semaphore is never closed; treat it like a timeout anyway.
             Ok(Err(_)) | Err(_) => Err(UpstreamError::PoolTimeout {
                 addr: self.inner.addr.clone(),
@@ -293,12 +299,12 @@ impl UpstreamPool {
 
     /// Returns a connection after use: kept if healthy, QUIT if used up or not pooling,
     /// dropped if broken. The permit is released once the connection is idle or gone.
-    fn check_in(&self, conn: Pooled, permit: Option<OwnedSemaphorePermit>) {
+    fn check_in(&self, conn: Pooled, permit: OwnedSemaphorePermit) {
         let s = &self.inner.settings;
         if conn.conn.broken {
             return;
         }
-        let keep = self.inner.permits.is_some()
+        let keep = s.pool_size > 0
             && !self.inner.closed.load(Relaxed)
             && conn.conn.messages < s.max_messages_per_connection
             && conn.conn.last_used.elapsed() < s.max_idle;
