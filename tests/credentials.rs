@@ -66,6 +66,19 @@ async fn send(addr: std::net::SocketAddr, sb: &Sandbox, id: &str) -> support::Re
         .await
 }
 
+/// Polls `done` until it holds; fails with `what` and the logs after `within`.
+async fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} within {within:?}; logs:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits for a valid token, tolerating published failures while the manager retries.
 async fn token_ready(daemon: &Daemon, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
@@ -148,11 +161,10 @@ async fn missing_delegation_gets_454_and_one_fix_then_recovers_without_restart()
     );
     let daemon = Daemon::start(Config::load(&path).unwrap()).await.unwrap();
     // The first attempt fails with 401 unauthorized_client.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while sb.control.token_stats().invalid_client == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "no token request");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("a refused token request", Duration::from_secs(10), || {
+        sb.control.token_stats().invalid_client > 0
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let r = send(daemon.local_addrs[0], &sb, "sa-2").await;
     assert_eq!(r.code, 454, "{r}");
@@ -195,21 +207,21 @@ async fn deleted_key_is_reported_and_a_replaced_key_file_is_read_without_restart
     token_ready(&daemon, Duration::from_secs(20)).await;
 
     sb.control.delete_service_account_key();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !logs().contains("Invalid JWT Signature") {
-        assert!(tokio::time::Instant::now() < deadline, "{}", logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        "Invalid JWT Signature in the log",
+        Duration::from_secs(15),
+        || logs().contains("Invalid JWT Signature"),
+    )
+    .await;
     assert!(logs().contains("create a new key"), "{}", logs());
 
     // A new key, written over the old file: the next attempt reads it.
     private(&key, &sb.control.service_account_json().unwrap());
     let issued = sb.control.token_stats().tokens_issued;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while sb.control.token_stats().tokens_issued == issued {
-        assert!(tokio::time::Instant::now() < deadline, "{}", logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until("a token for the new key", Duration::from_secs(30), || {
+        sb.control.token_stats().tokens_issued > issued
+    })
+    .await;
     token_ready(&daemon, Duration::from_secs(10)).await;
     let r = send(daemon.local_addrs[0], &sb, "sa-4").await;
     assert_eq!(r.code, 250, "{r}");
@@ -261,11 +273,10 @@ async fn microsoft_client_credentials_with_a_wrong_secret_name_the_aadsts_fix() 
         .replace(&sb.client_secret, "the-secret-id-not-its-value");
     std::fs::write(&path, text).unwrap();
     let daemon = Daemon::start(Config::load(&path).unwrap()).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !logs().contains("AADSTS7000215") {
-        assert!(tokio::time::Instant::now() < deadline, "{}", logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("AADSTS7000215 in the log", Duration::from_secs(10), || {
+        logs().contains("AADSTS7000215")
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let r = send(daemon.local_addrs[0], &sb, "app-2").await;
     assert_eq!(r.code, 454, "{r}");
