@@ -50,6 +50,16 @@ fn config_with(sb: &Sandbox, dir: &Path, provider: &str, credential: &str) -> st
     path
 }
 
+/// A Microsoft 365 app-only account (client credentials) against the sandbox.
+fn microsoft_app_config(sb: &Sandbox, dir: &Path) -> std::path::PathBuf {
+    config_with(
+        sb,
+        dir,
+        "microsoft",
+        "credential = \"client_credentials\"\ntenant = \"contoso.example\"",
+    )
+}
+
 async fn sandbox(lifetime: Duration) -> Sandbox {
     init_logging();
     Sandbox::start(SandboxOptions {
@@ -232,12 +242,7 @@ async fn deleted_key_is_reported_and_a_replaced_key_file_is_read_without_restart
 async fn microsoft_client_credentials_send_app_only() {
     let sb = sandbox(Duration::from_secs(3599)).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = config_with(
-        &sb,
-        dir.path(),
-        "microsoft",
-        "credential = \"client_credentials\"\ntenant = \"contoso.example\"",
-    );
+    let path = microsoft_app_config(&sb, dir.path());
     let config = Config::load(&path).unwrap();
     assert_eq!(config.accounts[0].credential, Credential::ClientCredentials);
     assert_eq!(
@@ -262,12 +267,7 @@ async fn microsoft_client_credentials_send_app_only() {
 async fn microsoft_client_credentials_with_a_wrong_secret_name_the_aadsts_fix() {
     let sb = sandbox(Duration::from_secs(3599)).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = config_with(
-        &sb,
-        dir.path(),
-        "microsoft",
-        "credential = \"client_credentials\"\ntenant = \"contoso.example\"",
-    );
+    let path = microsoft_app_config(&sb, dir.path());
     let text = std::fs::read_to_string(&path)
         .unwrap()
         .replace(&sb.client_secret, "the-secret-id-not-its-value");
