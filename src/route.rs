@@ -121,6 +121,11 @@ impl Transport for Upstreams {
         self.route(sender)
             .map(|r| RouteKey::from(r.account.as_str()))
     }
+
+    /// The account's SMTP host: a DSN names the server that refused.
+    fn upstream_host(&self, sender: &str) -> Option<String> {
+        self.route(sender).map(|r| r.host.clone())
+    }
 }
 
 #[cfg(test)]

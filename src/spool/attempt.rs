@@ -217,9 +217,12 @@ impl<T: Transport> Ctx<T> {
         failed: &[FailedRecipient],
         expired: bool,
     ) -> Result<bool, super::SpoolError> {
+        let remote_mta = self.transport.upstream_host(&meta.sender);
         let dsn = DsnReport {
             reporting_mta: &self.settings.hostname,
-            remote_mta: &self.settings.upstream_host,
+            remote_mta: remote_mta
+                .as_deref()
+                .unwrap_or(&self.settings.upstream_host),
             queue_id: &meta.id,
             original_sender: &meta.sender,
             arrival: ms_to_utc(meta.arrival_ms),

@@ -99,6 +99,12 @@ pub trait Transport: Clone + Send + Sync + 'static {
     fn route_key(&self, _sender: &str) -> Option<RouteKey> {
         Some(RouteKey::from(""))
     }
+
+    /// The host mail from `sender` goes to, for DSNs (Remote-MTA); `None`: the spool's
+    /// `upstream_host`.
+    fn upstream_host(&self, _sender: &str) -> Option<String> {
+        None
+    }
 }
 
 impl Transport for UpstreamPool {
@@ -113,7 +119,7 @@ pub struct SpoolSettings {
     pub config: SpoolConfig,
     /// Our host name (Reporting-MTA in DSNs).
     pub hostname: String,
-    /// The upstream host (Remote-MTA in DSNs, logs).
+    /// The upstream host (Remote-MTA in DSNs, logs) when the transport names none.
     pub upstream_host: String,
 }
 

@@ -1277,6 +1277,8 @@ mod tests {
     #[derive(Clone, Default)]
     struct TwoUpstreams {
         down: Arc<Mutex<Vec<&'static str>>>,
+        /// Upstreams that refuse every recipient (550 5.1.1).
+        refusing: Arc<Mutex<Vec<&'static str>>>,
         /// Sends per upstream (`""`: no route).
         sends: Arc<Mutex<HashMap<&'static str, usize>>>,
         /// Queue IDs (from the Subject) delivered, once per delivery.
@@ -1350,22 +1352,31 @@ mod tests {
                     .to_owned();
                 self.delivered.lock().unwrap().push((up, subject));
             }
+            let refused = self.refusing.lock().unwrap().contains(&up);
             Ok(SendReport {
                 recipients: env
                     .recipients
                     .iter()
                     .map(|a| RecipientOutcome {
                         address: a.clone(),
-                        reply: Reply::new(250, [2, 1, 5], "OK"),
-                        accepted: true,
+                        reply: if refused {
+                            Reply::new(550, [5, 1, 1], "No such user")
+                        } else {
+                            Reply::new(250, [2, 1, 5], "OK")
+                        },
+                        accepted: !refused,
                     })
                     .collect(),
-                data: Some(Reply::new(250, [2, 0, 0], "OK")),
+                data: (!refused).then(|| Reply::new(250, [2, 0, 0], "OK")),
             })
         }
 
         fn route_key(&self, sender: &str) -> Option<RouteKey> {
             Self::upstream(sender).map(RouteKey::from)
+        }
+
+        fn upstream_host(&self, sender: &str) -> Option<String> {
+            Self::upstream(sender).map(|up| format!("smtp.{up}.example"))
         }
     }
 
@@ -1461,6 +1472,35 @@ mod tests {
             "queue/ is empty at the end"
         );
         rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bounce_names_the_upstream_of_its_own_account() {
+        let fake = TwoUpstreams::default();
+        fake.refusing.lock().unwrap().push("one");
+        let rig = Rig::start(
+            fake.clone(),
+            Duration::from_secs(3600),
+            2,
+            Duration::from_secs(8),
+        );
+        rig.committer
+            .commit(message_via("ONE", "app@one.example"))
+            .await
+            .unwrap();
+        for _ in 0..100 {
+            if !fake.bounces.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let bounces = fake.bounces.lock().unwrap().clone();
+        assert_eq!(bounces.len(), 1, "one DSN for the refused recipient");
+        assert!(
+            bounces[0].contains("Remote-MTA: dns; smtp.one.example"),
+            "{}",
+            bounces[0]
+        );
     }
 
     #[tokio::test(start_paused = true)]
