@@ -134,6 +134,11 @@ async fn service_account_sends_as_the_mailbox_with_no_refresh_token() {
 
     // The token file was created, private, with the access token and no refresh token.
     let store = TokenStore::without_refresh_token(account.token_file.clone());
+    // Saved just after the token is published.
+    wait_until("the token file written", Duration::from_secs(10), || {
+        store.mode().is_some()
+    })
+    .await;
     assert_eq!(store.mode(), Some(0o600));
     let file = store.load().unwrap();
     assert!(file.refresh_token.is_none() && file.access_token.is_some());
@@ -171,11 +176,17 @@ async fn missing_delegation_gets_454_and_one_fix_then_recovers_without_restart()
     );
     let daemon = Daemon::start(Config::load(&path).unwrap()).await.unwrap();
     // The first attempt fails with 401 unauthorized_client.
-    wait_until("a refused token request", Duration::from_secs(10), || {
-        sb.control.token_stats().invalid_client > 0
-    })
+    wait_until(
+        "the refusal published to senders",
+        Duration::from_secs(10),
+        || {
+            daemon
+                .tokens
+                .current()
+                .is_err_and(|e| e.reason.contains("unauthorized_client"))
+        },
+    )
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let r = send(daemon.local_addrs[0], &sb, "sa-2").await;
     assert_eq!(r.code, 454, "{r}");
     assert!(r.text().contains("domain-wide delegation"), "{r}");
@@ -273,11 +284,17 @@ async fn microsoft_client_credentials_with_a_wrong_secret_name_the_aadsts_fix() 
         .replace(&sb.client_secret, "the-secret-id-not-its-value");
     std::fs::write(&path, text).unwrap();
     let daemon = Daemon::start(Config::load(&path).unwrap()).await.unwrap();
-    wait_until("AADSTS7000215 in the log", Duration::from_secs(10), || {
-        logs().contains("AADSTS7000215")
-    })
+    wait_until(
+        "the refusal published to senders",
+        Duration::from_secs(10),
+        || {
+            daemon
+                .tokens
+                .current()
+                .is_err_and(|e| e.reason.contains("client credentials"))
+        },
+    )
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let r = send(daemon.local_addrs[0], &sb, "app-2").await;
     assert_eq!(r.code, 454, "{r}");
     let log = logs();

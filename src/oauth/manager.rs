@@ -168,6 +168,7 @@ impl ManagerSettings {
                     "account {account}: refresh token expired or revoked (invalid_grant: {description}); run `{command}` to get a new one (the running relay picks it up without a restart)"
                 );
                 if self.provider_hint == ProviderHint::Microsoft {
+                    s.push_str(" (or without --device, where a browser can sign in)");
                     s.push_str(&microsoft_invalid_grant_hint(description));
                 }
                 if self.provider_hint == ProviderHint::Gmail {

@@ -249,9 +249,12 @@ impl Harness {
         Client::connect(self.addr).await
     }
 
+    /// Stops the relay; it must be done within 30 s (systemd's stop timeout is 90 s).
     pub async fn stop(mut self) {
         if let Some(d) = self.daemon.take() {
-            d.shutdown().await;
+            tokio::time::timeout(Duration::from_secs(30), d.shutdown())
+                .await
+                .expect("the relay stops within 30 s of shutdown");
         }
         self.sandbox.shutdown();
     }
