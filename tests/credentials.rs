@@ -6,7 +6,10 @@
 
 mod support;
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use smtp_oauth_relay::{
     config::{Config, Credential},
@@ -48,6 +51,35 @@ fn config_with(sb: &Sandbox, dir: &Path, provider: &str, credential: &str) -> st
     }
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// A service-account config for `sb`: the key written to `<dir>/sa.json` (returned
+/// first), `extra` lines added to the account.
+fn service_account_config(sb: &Sandbox, dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join("sa.json");
+    private(&key, &sb.control.service_account_json().unwrap());
+    let path = config_with(
+        sb,
+        dir,
+        "gmail",
+        &format!("service_account_json = \"{}\"\n{extra}", key.display()),
+    );
+    (key, path)
+}
+
+/// Waits until senders are told the token is refused, for a reason containing `why`.
+async fn refusal_published(daemon: &Daemon, why: &str) {
+    wait_until(
+        "the refusal published to senders",
+        Duration::from_secs(10),
+        || {
+            daemon
+                .tokens
+                .current()
+                .is_err_and(|e| e.reason.contains(why))
+        },
+    )
+    .await;
 }
 
 /// A Microsoft 365 app-only account (client credentials) against the sandbox.
@@ -106,14 +138,7 @@ async fn token_ready(daemon: &Daemon, within: Duration) {
 async fn service_account_sends_as_the_mailbox_with_no_refresh_token() {
     let sb = sandbox(Duration::from_secs(3599)).await;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("sa.json");
-    private(&key, &sb.control.service_account_json().unwrap());
-    let path = config_with(
-        &sb,
-        dir.path(),
-        "gmail",
-        &format!("service_account_json = \"{}\"", key.display()),
-    );
+    let (_, path) = service_account_config(&sb, dir.path(), "");
     let config = Config::load(&path).unwrap();
     assert!(matches!(
         &config.accounts[0].credential,
@@ -166,27 +191,10 @@ async fn missing_delegation_gets_454_and_one_fix_then_recovers_without_restart()
     let sb = sandbox(Duration::from_secs(3599)).await;
     sb.control.set_domain_wide_delegation(false);
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("sa.json");
-    private(&key, &sb.control.service_account_json().unwrap());
-    let path = config_with(
-        &sb,
-        dir.path(),
-        "gmail",
-        &format!("service_account_json = \"{}\"", key.display()),
-    );
+    let (_, path) = service_account_config(&sb, dir.path(), "");
     let daemon = Daemon::start(Config::load(&path).unwrap()).await.unwrap();
     // The first attempt fails with 401 unauthorized_client.
-    wait_until(
-        "the refusal published to senders",
-        Duration::from_secs(10),
-        || {
-            daemon
-                .tokens
-                .current()
-                .is_err_and(|e| e.reason.contains("unauthorized_client"))
-        },
-    )
-    .await;
+    refusal_published(&daemon, "unauthorized_client").await;
     let r = send(daemon.local_addrs[0], &sb, "sa-2").await;
     assert_eq!(r.code, 454, "{r}");
     assert!(r.text().contains("domain-wide delegation"), "{r}");
@@ -213,17 +221,7 @@ async fn deleted_key_is_reported_and_a_replaced_key_file_is_read_without_restart
     // Tokens live 4 s, so the manager refreshes about every 2 s.
     let sb = sandbox(Duration::from_secs(4)).await;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("sa.json");
-    private(&key, &sb.control.service_account_json().unwrap());
-    let path = config_with(
-        &sb,
-        dir.path(),
-        "gmail",
-        &format!(
-            "service_account_json = \"{}\"\nrefresh_margin_secs = 2",
-            key.display()
-        ),
-    );
+    let (key, path) = service_account_config(&sb, dir.path(), "refresh_margin_secs = 2");
     let daemon = Daemon::start(Config::load(&path).unwrap()).await.unwrap();
     token_ready(&daemon, Duration::from_secs(20)).await;
 
@@ -284,17 +282,7 @@ async fn microsoft_client_credentials_with_a_wrong_secret_name_the_aadsts_fix() 
         .replace(&sb.client_secret, "the-secret-id-not-its-value");
     std::fs::write(&path, text).unwrap();
     let daemon = Daemon::start(Config::load(&path).unwrap()).await.unwrap();
-    wait_until(
-        "the refusal published to senders",
-        Duration::from_secs(10),
-        || {
-            daemon
-                .tokens
-                .current()
-                .is_err_and(|e| e.reason.contains("client credentials"))
-        },
-    )
-    .await;
+    refusal_published(&daemon, "client credentials").await;
     let r = send(daemon.local_addrs[0], &sb, "app-2").await;
     assert_eq!(r.code, 454, "{r}");
     let log = logs();
