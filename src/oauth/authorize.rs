@@ -21,7 +21,7 @@ use std::{
     os::unix::fs::{DirBuilderExt, MetadataExt},
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use oauth2::{
@@ -1042,16 +1042,10 @@ pub(crate) fn prepare_token_dir(token_file: &Path) -> Result<(PathBuf, bool), Au
     Ok((dir, created))
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Writes `tokens` as the account's token file (keeping keys of an existing file this
 /// version does not know) and returns the access token's expiry.
 pub fn save_tokens(store: &TokenStore, tokens: &NewTokens) -> Result<u64, StoreError> {
-    let now = unix_now();
+    let now = super::manager::unix_now();
     let mut file = TokenFile::new(tokens.refresh_token.clone());
     if let Ok(old) = store.load() {
         file.extra = old.extra;

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use super::authorize::microsoft_error;
 use super::token::{json_response, mint_access_token, oauth_error};
 use super::{lock, Shared, GMAIL_SCOPE};
+use crate::oauth::manager::unix_now;
 
 pub(crate) const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// The scope of Microsoft 365 app-only SMTP.
@@ -102,13 +103,6 @@ fn hex_id() -> String {
     (0..40)
         .map(|_| char::from_digit(rand::random_range(0..16u32), 16).unwrap_or('0'))
         .collect()
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer&assertion=…`.
@@ -303,7 +297,7 @@ mod tests {
         let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
         let json = sb.control.service_account_json().unwrap();
         let key = ServiceAccountKey::parse(json.as_bytes(), Path::new("sa.json")).unwrap();
-        let now = super::unix_now();
+        let now = crate::oauth::manager::unix_now();
         let mail = vec![super::GMAIL_SCOPE.to_owned()];
         let ask = |sub: &str, scopes: &[String], aud: &str, iat: u64| {
             key.assertion(sub, scopes, aud, iat).unwrap()
