@@ -756,12 +756,9 @@ fn validate_account(c: &Check<'_>, i: usize, a: RawAccount) -> Result<AccountCon
         }
     };
     let json = client_json.as_ref().map(|(_, j)| j);
-    let client_id = match a.client_id {
-        _ if service_account.is_some() => service_account
-            .as_ref()
-            .map(|(_, k)| k.client_id.clone())
-            .unwrap_or_default(),
-        Some(id) if !id.trim().is_empty() => id,
+    let client_id = match (a.client_id, &service_account) {
+        (_, Some((_, key))) => key.client_id.clone(),
+        (Some(id), None) if !id.trim().is_empty() => id,
         _ => match json {
             Some(j) => j.client_id.clone(),
             None if provider == Provider::Microsoft => required(

@@ -113,6 +113,14 @@ impl ManagerSettings {
         one_line(&self.account, 120)
     }
 
+    /// `" in /etc/…/config.toml"`, or nothing without a config path.
+    fn in_config(&self) -> String {
+        match &self.config_path {
+            Some(p) => format!(" in {}", one_line(&p.display().to_string(), 300)),
+            None => String::new(),
+        }
+    }
+
     /// The command that fixes a dead refresh token.
     pub fn authorize_command(&self) -> String {
         match &self.config_path {
@@ -144,10 +152,7 @@ impl ManagerSettings {
             (CredentialKind::ClientCredentials, RefreshError::InvalidGrant { description } | RefreshError::InvalidClient { description }) => {
                 let mut s = format!(
                     "account {account}: the token endpoint rejected the app's client credentials ({err}); check client_id and client_secret{} — give the client secret's Value, not its Secret ID, and note that client secrets expire (app registration → Certificates & secrets); the relay tries again every few minutes",
-                    match &self.config_path {
-                        Some(p) => format!(" in {}", one_line(&p.display().to_string(), 300)),
-                        None => String::new(),
-                    },
+                    self.in_config(),
                 );
                 if self.provider_hint == ProviderHint::Microsoft {
                     if let Some((code, why)) = MICROSOFT_CLIENT_ERRORS.iter().find(|(c, _)| description.contains(c)) {
@@ -181,10 +186,7 @@ impl ManagerSettings {
             RefreshError::InvalidClient { description } => {
                 let mut s = format!(
                     "account {account}: the token endpoint rejected the OAuth client (invalid_client: {description}); check client_id and client_secret{} — the refresh token must have been issued to this same client; after changing the client run `{}`",
-                    match &self.config_path {
-                        Some(p) => format!(" in {}", one_line(&p.display().to_string(), 300)),
-                        None => String::new(),
-                    },
+                    self.in_config(),
                     self.authorize_command()
                 );
                 if self.provider_hint == ProviderHint::Gmail {
